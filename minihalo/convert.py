@@ -1,0 +1,197 @@
+"""Weights in and out of HybridLM: load a transformers Qwen3/Llama checkpoint as a minihalo
+Transformer (`from_hf`), and turn a Transformer into a HypeNet (`to_hypenet`, HALO step 0 and the
+step-3 assembly of SPEC §4).
+
+Shapes: d model width, H query heads, G key/value heads, D head dim.
+"""
+import glob
+import json
+import os
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+
+from minihalo.model import Attention, HybridConfig, HybridLM, Lightning
+
+SUPPORTED = ("qwen3", "llama")
+
+
+def _rope_theta(hf_cfg):
+    params = getattr(hf_cfg, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", (getattr(hf_cfg, "rope_scaling", None) or {}).get("rope_type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported; minihalo implements plain RoPE ('default')")
+    return float(params.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0)))
+
+
+def config_from_hf(hf_cfg) -> HybridConfig:
+    """A transformers Qwen3Config / LlamaConfig as a HybridConfig with every layer attention."""
+    model_type = getattr(hf_cfg, "model_type", None)
+    if model_type not in SUPPORTED:
+        raise ValueError(f"unsupported model_type {model_type!r}; minihalo converts {SUPPORTED}")
+    if getattr(hf_cfg, "hidden_act", "silu") != "silu" or getattr(hf_cfg, "mlp_bias", False):
+        raise ValueError("only SwiGLU MLPs (hidden_act='silu', no mlp_bias) are supported")
+    if getattr(hf_cfg, "use_sliding_window", False):
+        raise ValueError("sliding-window attention is not supported")
+    L, H = hf_cfg.num_hidden_layers, hf_cfg.num_attention_heads
+    eos = hf_cfg.eos_token_id[0] if isinstance(hf_cfg.eos_token_id, list) else hf_cfg.eos_token_id
+    return HybridConfig(
+        vocab_size=hf_cfg.vocab_size, hidden_size=hf_cfg.hidden_size,
+        intermediate_size=hf_cfg.intermediate_size, num_layers=L, num_heads=H,
+        num_kv_heads=hf_cfg.num_key_value_heads or H,
+        head_dim=getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // H,
+        layer_types=["attention"] * L, rope_theta=_rope_theta(hf_cfg), rms_norm_eps=hf_cfg.rms_norm_eps,
+        tie_word_embeddings=bool(hf_cfg.tie_word_embeddings),
+        attention_bias=bool(getattr(hf_cfg, "attention_bias", False)),
+        max_position_embeddings=hf_cfg.max_position_embeddings, eos_token_id=eos,
+        qk_norm=model_type == "qwen3", attn_rope=True)
+
+
+def _hf_key(key):
+    """transformers' parameter name -> HybridLM's (the names were chosen to match)."""
+    return key.removeprefix("model.").replace(".self_attn.", ".mixer.")
+
+
+def _read_checkpoint_folder(path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path!r} has no config.json; expected a transformers checkpoint folder")
+    with open(os.path.join(path, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in SUPPORTED:
+        raise ValueError(f"unsupported model_type {model_type!r} in {path!r}; minihalo converts {SUPPORTED}")
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{path!r} has no *.safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    return AutoConfig.from_pretrained(path), state
+
+
+def from_hf(model_or_path, dtype=None) -> HybridLM:
+    """A transformers Qwen3ForCausalLM / LlamaForCausalLM (object or checkpoint folder with
+    config.json + safetensors) as a minihalo Transformer with the same logits (SPEC §1)."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        hf_cfg, state = _read_checkpoint_folder(os.fspath(model_or_path))
+    elif isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
+        hf_cfg, state = model_or_path.config, model_or_path.state_dict()
+    else:
+        raise ValueError(f"from_hf takes a transformers model or a checkpoint folder; got {type(model_or_path).__name__}")
+    cfg = config_from_hf(hf_cfg)
+    state = {_hf_key(k): v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    first = state["embed_tokens.weight"]
+    model = HybridLM(cfg).to(device=first.device, dtype=dtype or first.dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = set(missing) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    if missing or unexpected:
+        raise ValueError(f"weights do not match a {hf_cfg.model_type} model: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    return model
+
+
+def load_tokenizer(path):
+    """The folder's tokenizer through transformers' AutoTokenizer, or None if it has none."""
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _check_layers(attn_layers, num_layers):
+    layers = list(attn_layers)
+    for i in layers:
+        if not isinstance(i, int) or not 0 <= i < num_layers:
+            raise ValueError(f"attention layer index {i!r} is out of range for a {num_layers}-layer model")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"attention layer indices repeat: {layers}")
+    return set(layers)
+
+
+def _expand_kv(weight, G, H):
+    """Rows of a K or V projection for G heads (G*D, ...) -> H heads (H*D, ...), each KV head
+    repeated for its query group in repeat_interleave order: kv0, kv0, kv1, kv1, ... (SPEC §3.1)."""
+    return weight.unflatten(0, (G, -1)).repeat_interleave(H // G, dim=0).flatten(0, 1)
+
+
+@torch.no_grad()
+def to_hypenet(teacher: HybridLM, attn_layers, *, lightning_from=None, rnn_rope=True, rnn_qk_norm=True,
+               mha=True, rnn_output_norm=True, rnn_output_gate=True, attn_rope=False,
+               attn_output_gate=True, attn_scale_a=None, seed=0) -> HybridLM:
+    """A new HypeNet built from a Transformer teacher (left unchanged). SPEC §4 step 0 and step 3.
+
+    Layers in `attn_layers` keep softmax attention, with NoPE and a new output gate Wg ~ N(0, 0.02).
+    Every other layer becomes Lightning attention initialized from that layer's attention:
+    Wq, Wk, Wv, Wo and the q/k norms are copied (K/V heads repeated GQA→MHA), Wz gets nn.Linear's
+    default init and the output norm ones. `attn_layers=[]` gives a Lightning layer everywhere
+    (HALO stage 1). With `lightning_from` (e.g. the stage-1 model) the Lightning layers are copied
+    from that model's layer of the same index instead (the step-3 assembly).
+    The keyword switches turn each HypeNet change off for ablations; with every layer attention,
+    attn_rope=True and attn_output_gate=False the result computes exactly what the teacher does.
+    """
+    tc = teacher.config
+    if set(tc.layer_types) != {"attention"}:
+        raise ValueError("to_hypenet converts a Transformer (every layer attention); this model has "
+                         f"layer types {tc.layer_types}")
+    keep = _check_layers(attn_layers, tc.num_layers)
+    cfg = replace(tc, layer_types=["attention" if i in keep else "lightning" for i in range(tc.num_layers)],
+                  attn_rope=attn_rope, attn_output_gate=attn_output_gate, attn_scale_a=attn_scale_a,
+                  lin_rope=rnn_rope, lin_qk_norm=rnn_qk_norm, lin_mha=mha, lin_output_norm=rnn_output_norm,
+                  lin_output_gate=rnn_output_gate)
+    p = next(teacher.parameters())
+    with torch.random.fork_rng(devices=[p.device] if p.is_cuda else []):
+        torch.manual_seed(seed)
+        student = HybridLM(cfg).to(device=p.device, dtype=p.dtype)
+        # Everything outside the mixers is reused unchanged (embeddings, norms, MLPs, head).
+        state = {k: v for k, v in teacher.state_dict().items() if ".mixer." not in k}
+        student.load_state_dict(state, strict=False)
+        for i, (src, dst) in enumerate(zip(teacher.layers, student.layers)):
+            if isinstance(dst.mixer, Attention):
+                _copy_attention(src.mixer, dst.mixer)
+            elif lightning_from is not None:
+                _copy_lightning(lightning_from, i, dst.mixer)
+            else:
+                _init_lightning(src.mixer, dst.mixer)
+    return student
+
+
+def _copy_attention(src, dst):
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+        if hasattr(src, name):
+            getattr(dst, name).load_state_dict(getattr(src, name).state_dict())
+    if hasattr(dst, "g_proj"):
+        nn.init.normal_(dst.g_proj.weight, std=0.02)
+
+
+def _init_lightning(src: Attention, dst: Lightning):
+    """HALO step 0: a Lightning layer from an attention layer's weights (SPEC §4)."""
+    H, G = src.cfg.num_heads, src.cfg.num_kv_heads
+    for name in ("q_proj", "o_proj"):
+        getattr(dst, name).load_state_dict(getattr(src, name).state_dict())
+    for name in ("k_proj", "v_proj"):
+        sd = getattr(src, name).state_dict()
+        if dst.kv_heads == H:
+            sd = {k: _expand_kv(w, G, H) for k, w in sd.items()}
+        getattr(dst, name).load_state_dict(sd)
+    if dst.cfg.lin_qk_norm and src.cfg.qk_norm:  # a teacher without QK-norm (Llama) leaves fresh ones
+        dst.q_norm.load_state_dict(src.q_norm.state_dict())
+        dst.k_norm.load_state_dict(src.k_norm.state_dict())
+    if dst.cfg.lin_output_gate:
+        dst.z_proj.reset_parameters()  # nn.Linear's default init (SPEC §4 step 0)
+    if dst.cfg.lin_output_norm:
+        nn.init.ones_(dst.o_norm.weight)
+
+
+def _copy_lightning(model, i, dst):
+    src = model.layers[i].mixer
+    if not isinstance(src, Lightning):
+        raise ValueError(f"lightning_from: layer {i} of the given model is not a Lightning layer")
+    try:
+        dst.load_state_dict(src.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"lightning_from: layer {i} does not match the requested Lightning options: {e}") from None

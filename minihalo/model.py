@@ -1,0 +1,407 @@
+"""HybridLM: one decoder class for both a Transformer teacher and a HypeNet hybrid.
+
+Each layer is pre-norm (SPEC §1): h = x + Mixer(RMSNorm(x)); x' = h + MLP(RMSNorm(h)). The mixer
+is either softmax attention (GQA, SPEC §1 / §3.2) or Lightning attention (an RNN, SPEC §3.1),
+chosen per layer by `config.layer_types`. A Qwen3 / Llama teacher is this class with every layer
+"attention" and RoPE on; a HypeNet is the same class with the HyPE layout (RoPE in the RNN
+layers, NoPE plus the query scale s_t in the attention layers). Conversion (minihalo.convert)
+only swaps mixers and copies weights.
+
+Shapes: B batch, T time (tokens in this call), S cached + new tokens, d model width,
+H query heads, G key/value heads (GQA), D head dim, V vocabulary.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minihalo.ops import IMPLS, lightning_attn, lightning_decay, lightning_step
+
+MIXERS = ("attention", "lightning")
+
+
+@dataclass
+class HybridConfig:
+    vocab_size: int = 256
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    layer_types: list = field(default_factory=list)  # "attention" | "lightning" per layer; [] = all attention
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # biases on q/k/v/o projections (Qwen3 and Llama: off)
+    max_position_embeddings: int = 32768  # the training length; informational
+    eos_token_id: Optional[int] = None
+    # softmax-attention layers (SPEC §1, §3.2)
+    qk_norm: bool = True  # Qwen3: True, Llama: False
+    attn_rope: bool = True  # False = NoPE (HyPE)
+    attn_output_gate: bool = False  # y = (o ⊙ sigmoid(x Wg)) Wo
+    attn_scale_a: Optional[float] = None  # HyPE query scale s_t = log_a(t + a); None = off
+    # Lightning (RNN) layers (SPEC §3.1)
+    lin_rope: bool = True
+    lin_qk_norm: bool = True
+    lin_mha: bool = True  # K/V with H heads (GQA→MHA); False keeps G heads, shared per group
+    lin_output_norm: bool = True  # RMSNorm over the full H*D width
+    lin_output_gate: bool = True  # sigmoid(x Wz)
+    lin_chunk_size: int = 64
+    lin_impl: str = "auto"  # see minihalo.ops.lightning_attn
+
+    def __post_init__(self):
+        if not self.layer_types:
+            self.layer_types = ["attention"] * self.num_layers
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries; num_layers is {self.num_layers}")
+        bad = sorted(set(self.layer_types) - set(MIXERS))
+        if bad:
+            raise ValueError(f"unknown layer types {bad}; expected entries of {MIXERS}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.lin_impl not in IMPLS:
+            raise ValueError(f"unknown lin_impl {self.lin_impl!r}; expected one of {IMPLS}")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown HybridConfig fields {unknown}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, weight applied in the input dtype (as Qwen3 and Llama do)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """RoPE tables for integer positions (B, T): cos, sin of shape (B, T, 1, D), rotate_half layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)  # (D/2,)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, H, D) rotated by position: x cos + rotate_half(x) sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Causal softmax attention with GQA (SPEC §1), optionally the HyPE layer of SPEC §3.2:
+    NoPE, query scale s_t = ln(t + a) / ln(a), and a sigmoid output gate."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, G, D, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(d, H * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, G * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, G * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * D, d, bias=cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        if cfg.attn_output_gate:
+            self.g_proj = nn.Linear(d, H * D, bias=False)
+
+    def forward(self, x, ctx, cache):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, G, D)  # (B, T, G, D)
+        v = self.v_proj(x).view(B, T, G, D)  # (B, T, G, D)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.attn_rope:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if cfg.attn_scale_a is not None:  # s_t = log_a(t + a), t = 0-based position; s_0 = 1
+            a = cfg.attn_scale_a
+            s = torch.log(ctx.positions.float() + a) / math.log(a)  # (B, T)
+            q = q * s.to(q.dtype)[:, :, None, None]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)  # (B, G, S, D)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        k = k.repeat_interleave(H // G, dim=1)  # (B, H, S, D): query head h reads kv head h // (H/G)
+        v = v.repeat_interleave(H // G, dim=1)
+        if ctx.attn_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, H, T, D)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask)
+        o = o.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        if cfg.attn_output_gate:
+            o = o * torch.sigmoid(self.g_proj(x))
+        return self.o_proj(o)
+
+
+class Lightning(nn.Module):
+    """Lightning attention layer of HypeNet (SPEC §3.1):
+    q, k = RoPE(RMSNorm_D(x Wq)), RoPE(RMSNorm_D(x Wk)); v = x Wv;
+    o = LightningAttention(q, k, v);  y = (RMSNorm_{H*D}(o) ⊙ sigmoid(x Wz)) Wo."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, D, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+        self.kv_heads = H if cfg.lin_mha else cfg.num_kv_heads
+        self.q_proj = nn.Linear(d, H * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.kv_heads * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.kv_heads * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * D, d, bias=cfg.attention_bias)
+        if cfg.lin_qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        if cfg.lin_output_norm:
+            self.o_norm = RMSNorm(H * D, cfg.rms_norm_eps)
+        if cfg.lin_output_gate:
+            self.z_proj = nn.Linear(d, H * D, bias=False)
+        # Fixed per-head log decays, the same in every layer (SPEC §2). A plain attribute, not a
+        # buffer, so that model.to(bfloat16) cannot round the decays; moved to the input's device once.
+        self.g_gamma = lightning_decay(H)
+
+    def forward(self, x, ctx, cache):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, D = cfg.num_heads, cfg.head_dim
+        q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.kv_heads, D)  # (B, T, H or G, D)
+        v = self.v_proj(x).view(B, T, self.kv_heads, D)
+        if cfg.lin_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.lin_rope:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if self.kv_heads != H:
+            k = k.repeat_interleave(H // self.kv_heads, dim=2)  # (B, T, H, D)
+            v = v.repeat_interleave(H // self.kv_heads, dim=2)
+        if ctx.token_mask is not None:  # padding must not enter the state: k_t^T v_t = 0 there
+            k = k * ctx.token_mask[:, :, None, None].to(k.dtype)
+        if self.g_gamma.device != x.device:
+            self.g_gamma = self.g_gamma.to(x.device)
+        state = None if cache is None else cache.get("state")
+        if state is not None and T == 1:  # decode: the recurrent form, state updated in place
+            step_impl = {"triton": "triton", "auto": "auto"}.get(cfg.lin_impl, "torch")
+            o = lightning_step(q[:, 0], k[:, 0], v[:, 0], self.g_gamma, state, impl=step_impl)[:, None]
+        else:  # training / prefill: the chunked form
+            o, state = lightning_attn(q, k, v, self.g_gamma, initial_state=state, output_final_state=True,
+                                      chunk_size=cfg.lin_chunk_size, impl=cfg.lin_impl)
+        if cache is not None:
+            cache["state"] = state  # (B, H, D, D) fp32
+        o = o.reshape(B, T, H * D)  # (B, T, H*D)
+        if cfg.lin_output_norm:
+            o = self.o_norm(o)
+        if cfg.lin_output_gate:
+            o = o * torch.sigmoid(self.z_proj(x))
+        return self.o_proj(o)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_type):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mixer = Attention(cfg) if layer_type == "attention" else Lightning(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, ctx, cache=None):
+        x = x + self.mixer(self.input_layernorm(x), ctx, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class _Context:
+    """What every layer needs to know about this call's tokens."""
+    positions: torch.Tensor  # (B, T) 0-based token positions, padding excluded
+    rope: Optional[tuple]  # cos, sin (B, T, 1, D), or None when no layer uses RoPE
+    token_mask: Optional[torch.Tensor]  # (B, T) 1 = real token, 0 = padding; None = no padding
+    attn_mask: Optional[torch.Tensor]  # (B, 1, T, S) bool, True = may attend; None = plain causal
+
+
+class Cache:
+    """Decoding cache: K/V (B, G, S, D) for attention layers, an fp32 state (B, H, D, D) for
+    Lightning layers, plus the padding mask of every token seen and each row's next position."""
+
+    def __init__(self, num_layers):
+        self.layers = [dict() for _ in range(num_layers)]
+        self.mask = None  # (B, S) 1 = real token
+        self.next_pos = None  # (B,)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, input_ids, attention_mask=None, cache: Optional[Cache] = None):
+        """input_ids (B, T) -> logits (B, T, V). `attention_mask` (B, T): 1 = token, 0 = padding
+        (left padding for generation). With a `cache`, the tokens continue what it holds."""
+        cfg = self.config
+        B, T = input_ids.shape
+        dev = input_ids.device
+        new_mask = torch.ones(B, T, dtype=torch.long, device=dev) if attention_mask is None else attention_mask.long()
+        has_padding = attention_mask is not None and not bool(new_mask.all())
+        offset = torch.zeros(B, dtype=torch.long, device=dev) if cache is None or cache.next_pos is None else cache.next_pos
+        positions = (offset[:, None] + new_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        past = 0 if cache is None or cache.mask is None else cache.mask.shape[1]
+        full_mask = new_mask if past == 0 else torch.cat([cache.mask, new_mask], dim=1)  # (B, S)
+        if cache is not None:
+            cache.mask, cache.next_pos = full_mask, offset + new_mask.sum(-1)
+        padded = has_padding or (past > 0 and not bool(full_mask.all()))
+        attn_mask = None
+        if padded or (past > 0 and T > 1):
+            i = torch.arange(T, device=dev)[:, None] + past  # absolute index of each query
+            j = torch.arange(past + T, device=dev)[None, :]
+            allowed = (j <= i)[None] & full_mask.bool()[:, None, :]  # (B, T, S)
+            allowed |= (j == i)[None]  # a padding query sees itself: no empty softmax rows
+            attn_mask = allowed[:, None]  # (B, 1, T, S)
+        uses_rope = (cfg.attn_rope and "attention" in cfg.layer_types) or (cfg.lin_rope and "lightning" in cfg.layer_types)
+        x = self.embed_tokens(input_ids)  # (B, T, d)
+        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype) if uses_rope else None
+        ctx = _Context(positions, rope, new_mask if has_padding else None, attn_mask)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx, layer_cache)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def new_cache(self):
+        return Cache(len(self.layers))
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
+                 eos_token_id=None, pad_token_id=None, generator=None):
+        """Prompt (B, T), left-padded if rows differ in length, followed by up to `max_new_tokens`
+        new tokens (B, T + N). Greedy when temperature == 0, else nucleus sampling. Prefill runs
+        the chunked form once; each new token is one recurrent step / one cached attention step.
+        Rows that emitted `eos_token_id` continue with `pad_token_id` (default: eos)."""
+        if attention_mask is not None:
+            m = attention_mask.long()
+            if bool((m[:, 1:] < m[:, :-1]).any()):
+                raise ValueError("attention_mask has padding after a token: generation needs left padding "
+                                 "(with a transformers tokenizer set tokenizer.padding_side = 'left')")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        pad = eos if pad_token_id is None else pad_token_id
+        cache = self.new_cache()
+        logits = self(input_ids, attention_mask, cache=cache)[:, -1]  # (B, V)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new = []
+        for step in range(max_new_tokens):
+            tok = _sample(logits.float(), temperature, top_p, generator)  # (B,)
+            if eos is not None:
+                tok = torch.where(done, torch.full_like(tok, pad), tok)
+                done |= tok == eos
+            new.append(tok)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            logits = self(tok[:, None], cache=cache)[:, -1]
+        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
+
+    def cache_bytes(self, context_len, batch_size=1, dtype=torch.bfloat16):
+        """Decoding memory: KV bytes per token of the attention layers, the constant fp32 state
+        of the Lightning layers, and the total at `context_len` tokens (SPEC §5)."""
+        cfg = self.config
+        n_attn = cfg.layer_types.count("attention")
+        elem = torch.empty((), dtype=dtype).element_size()
+        kv_per_token = batch_size * n_attn * 2 * cfg.num_kv_heads * cfg.head_dim * elem
+        rnn_state = batch_size * (cfg.num_layers - n_attn) * cfg.num_heads * cfg.head_dim ** 2 * 4
+        return {"kv_bytes_per_token": kv_per_token, "rnn_state_bytes": rnn_state,
+                "total_bytes": kv_per_token * context_len + rnn_state}
+
+    def save_pretrained(self, path):
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")  # the same tensor as the embeddings
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None):
+        from safetensors.torch import load_file
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise ValueError(f"{path!r} has no config.json; expected a folder written by HybridLM.save_pretrained")
+        with open(cfg_path) as f:
+            d = json.load(f)
+        if "model_type" in d:
+            raise ValueError(f"{path!r} is a transformers checkpoint (model_type={d['model_type']!r}); "
+                             f"load it with minihalo.from_hf instead")
+        state = load_file(os.path.join(path, "model.safetensors"), device=str(device))
+        model = cls(HybridConfig.from_dict(d)).to(device=device, dtype=dtype or state["embed_tokens.weight"].dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = set(missing) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path!r} does not match its config: missing {sorted(missing)}, "
+                             f"unexpected {sorted(unexpected)}")
+        return model
+
+
+def _sample(logits, temperature, top_p, generator):
+    """logits (B, V) -> next tokens (B,): argmax, or nucleus sampling at a temperature."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        p_sorted, idx = probs.sort(dim=-1, descending=True)
+        keep = p_sorted.cumsum(-1) - p_sorted < top_p  # the smallest set with mass >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, p_sorted * keep)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
