@@ -1,0 +1,18 @@
+# The two commands of the README. Both create .venv on first use.
+PY := .venv/bin/python
+TMP := $(shell mktemp -d 2>/dev/null || echo /tmp/minihalo)
+ENV := HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 IPYTHONDIR=$(TMP)/ipython \
+       JUPYTER_CONFIG_DIR=$(TMP)/jupyter MPLCONFIGDIR=$(TMP)/mpl MPLBACKEND=Agg
+
+.PHONY: demo test
+demo: .venv/installed   ## the main job (CPU, offline)
+	$(ENV) $(PY) -m minihalo.demo
+
+test: .venv/installed   ## every test and notebook (CPU, offline)
+	$(ENV) $(PY) -m pytest -q --nbval-lax tests notebooks
+
+.venv/installed: requirements.txt pyproject.toml .ci/constraints.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q -c .ci/constraints.txt -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
