@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 TMP := $(shell mktemp -d 2>/dev/null || echo /tmp/minihalo)
 ENV := HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 IPYTHONDIR=$(TMP)/ipython \
-       JUPYTER_CONFIG_DIR=$(TMP)/jupyter MPLCONFIGDIR=$(TMP)/mpl MPLBACKEND=Agg
+       JUPYTER_CONFIG_DIR=$(TMP)/jupyter MPLCONFIGDIR=$(TMP)/mpl
 
 .PHONY: demo test
 demo: .venv/installed   ## the main job (CPU, offline)
