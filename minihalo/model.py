@@ -69,6 +69,16 @@ class HybridConfig:
         if self.lin_impl not in IMPLS:
             raise ValueError(f"unknown lin_impl {self.lin_impl!r}; expected one of {IMPLS}")
 
+    def cache_bytes(self, context_len, batch_size=1, dtype=torch.bfloat16):
+        """Decoding memory: KV bytes per token of the attention layers (in `dtype`), the constant
+        fp32 state of the Lightning layers, and the total at `context_len` tokens (SPEC §5)."""
+        n_attn = self.layer_types.count("attention")
+        elem = torch.empty((), dtype=dtype).element_size()
+        kv_per_token = batch_size * n_attn * 2 * self.num_kv_heads * self.head_dim * elem
+        rnn_state = batch_size * (self.num_layers - n_attn) * self.num_heads * self.head_dim ** 2 * 4
+        return {"kv_bytes_per_token": kv_per_token, "rnn_state_bytes": rnn_state,
+                "total_bytes": kv_per_token * context_len + rnn_state}
+
     def to_dict(self):
         return asdict(self)
 
@@ -354,15 +364,7 @@ class HybridLM(nn.Module):
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
 
     def cache_bytes(self, context_len, batch_size=1, dtype=torch.bfloat16):
-        """Decoding memory: KV bytes per token of the attention layers, the constant fp32 state
-        of the Lightning layers, and the total at `context_len` tokens (SPEC §5)."""
-        cfg = self.config
-        n_attn = cfg.layer_types.count("attention")
-        elem = torch.empty((), dtype=dtype).element_size()
-        kv_per_token = batch_size * n_attn * 2 * cfg.num_kv_heads * cfg.head_dim * elem
-        rnn_state = batch_size * (cfg.num_layers - n_attn) * cfg.num_heads * cfg.head_dim ** 2 * 4
-        return {"kv_bytes_per_token": kv_per_token, "rnn_state_bytes": rnn_state,
-                "total_bytes": kv_per_token * context_len + rnn_state}
+        return self.config.cache_bytes(context_len, batch_size, dtype)
 
     def save_pretrained(self, path):
         from safetensors.torch import save_file

@@ -212,18 +212,16 @@ def test_save_load_round_trip(tmp_path):
 
 def test_cache_bytes_matches_the_paper():
     """SPEC §5: Qwen3-1.7B KV 112 KiB/token; HypeNet-2B 28 KiB/token plus ~22 MB of RNN state."""
-    cfg = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=28, num_heads=16,
-               num_kv_heads=8, head_dim=128)
-    qwen = mh.HybridLM.__new__(mh.HybridLM)  # only the config is needed: skip building 28 layers
-    qwen.config = mh.HybridConfig(**cfg)
-    assert qwen.cache_bytes(1)["kv_bytes_per_token"] == 112 * 1024
-    hype = mh.HybridLM.__new__(mh.HybridLM)
-    hype.config = mh.HybridConfig(**cfg, layer_types=["attention" if i in (2, 3, 6, 8, 9, 21, 25) else "lightning"
-                                                      for i in range(28)])
+    shape = dict(num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128)
+    assert mh.HybridConfig(**shape).cache_bytes(1)["kv_bytes_per_token"] == 112 * 1024
+    hype = mh.HybridConfig(**shape, layer_types=["attention" if i in (2, 3, 6, 8, 9, 21, 25) else "lightning"
+                                                 for i in range(28)])
     mem = hype.cache_bytes(1000)
     assert mem["kv_bytes_per_token"] == 28 * 1024
     assert mem["rnn_state_bytes"] == 21 * 16 * 128 * 128 * 4  # 22.0 MB
     assert mem["total_bytes"] == 1000 * 28 * 1024 + mem["rnn_state_bytes"]
+    small = hybrid(MIXES[1])  # the model method reads its config
+    assert small.cache_bytes(10, dtype=torch.float32) == small.config.cache_bytes(10, dtype=torch.float32)
 
 
 def test_config_errors():
