@@ -1,0 +1,308 @@
+"""One plain-PyTorch training loop for every stage: pretraining, HALO alignment, distillation, finetuning.
+
+    history = train(model, batches, TrainConfig(steps=1000, lr=1e-3), loss_fn=next_token_loss, params=None)
+
+- `batches(step)` returns the batch of optimizer step `step` (micro-batch `step * grad_accum + i`
+  when accumulating). A batch is a pure function of its index (see minihalo.data.PackedBatches),
+  so resuming needs only the step number: no iterator state to save.
+- `loss_fn(model, batch) -> scalar loss` decides what is learned: next-token cross-entropy by
+  default; HALO's stage 1 passes an MSE between mixer outputs, stage 3 a KL to the teacher.
+- `params`: the parameters to train (default: all). The others are frozen for the run and their
+  `requires_grad` flags restored at the end.
+
+What the loop does, in order, each optimizer step: `grad_accum` forward/backward passes (bf16 autocast
+on CUDA), a check that the loss is finite, gradient clipping, AdamW, a learning-rate schedule
+(linear warm-up, then cosine decay to `min_lr`, or constant), a tqdm bar with loss and tokens/s,
+periodic evaluation, and a checkpoint every `ckpt_every` steps holding everything needed for an
+exact resume: model, optimizer, scheduler, step and the RNG states (torch, CUDA, numpy, random).
+
+A non-finite loss or gradient norm stops the run with `NonFiniteLossError`; no checkpoint is written
+after the bad step, so the last one on disk is good.
+
+Shapes: B batch, T sequence length, V vocabulary.
+"""
+import functools
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass
+class TrainConfig:
+    steps: int                       # optimizer steps in total (a resumed run continues up to this)
+    lr: float = 1e-3                 # peak learning rate
+    min_lr: float = 1e-5             # end of the cosine decay
+    warmup_steps: int = 50           # linear warm-up from 0 to lr (SPEC §4: 50)
+    schedule: str = "cosine"         # "cosine" or "constant" (HALO step 4 uses a constant LR)
+    betas: tuple = (0.9, 0.95)       # AdamW betas (SPEC §4)
+    weight_decay: float = 0.0        # SPEC §4: none
+    grad_clip: float = 1.0           # max global grad norm; 0 disables
+    grad_accum: int = 1              # micro-batches per optimizer step
+    bf16: bool = True                # bf16 autocast, on CUDA only (CPU runs stay fp32)
+    grad_checkpointing: bool = False # recompute each layer's activations in the backward pass
+    eval_every: int = 0              # call eval_fn every N steps (0: never)
+    ckpt_every: int = 0              # write a checkpoint every N steps (0: never)
+    ckpt_dir: str = None             # where checkpoints go; an existing one is resumed from
+    resume: bool = True              # resume from ckpt_dir/last.pt when it exists
+    seed: int = 0                    # seeds torch/numpy/random at the start of a fresh run
+    progress: bool = True            # show the tqdm bar
+    log_every: int = 1               # record the loss in the history every N steps
+    extra: dict = field(default_factory=dict)  # free-form notes saved with checkpoints
+
+    def __post_init__(self):
+        if self.steps < 1 or self.grad_accum < 1:
+            raise ValueError(f"steps and grad_accum must be >= 1; got {self.steps}, {self.grad_accum}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant'; got {self.schedule!r}")
+        if self.ckpt_every and not self.ckpt_dir:
+            raise ValueError("ckpt_every > 0 needs a ckpt_dir")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss or gradient norm becomes NaN or infinite."""
+
+
+def lr_at(step, cfg: TrainConfig):
+    """Learning rate of optimizer step `step` (0-based): warm-up, then cosine to min_lr (or constant)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def model_logits(out):
+    """Logits from a model output: a tensor (minihalo), an object with `.logits` (transformers), or a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}")
+
+
+def next_token_loss(model, batch):
+    """Mean next-token cross-entropy.
+
+    `batch` is a (B, T+1) token tensor (inputs `[:, :-1]`, targets `[:, 1:]`), or a dict with
+    `input_ids` (B, T) and `targets` (B, T) (already shifted; -100 = ignore).
+    """
+    if isinstance(batch, dict):
+        inputs, targets = batch["input_ids"], batch["targets"]
+    else:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model_logits(model(inputs))  # (B, T, V)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+def count_tokens(batch):
+    if isinstance(batch, dict):
+        return batch["input_ids"].numel()
+    if isinstance(batch, torch.Tensor):
+        return batch[:, :-1].numel()
+    return 0
+
+
+def to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute each decoder layer in the backward pass (activation memory O(L) -> O(1) layers).
+
+    Uses the model's own switch when it has one (transformers' `gradient_checkpointing_enable`,
+    HybridLM's `gradient_checkpointing` flag), otherwise wraps the forward of every module in `model.layers` (or `model.model.layers`).
+    """
+    if hasattr(model, "gradient_checkpointing_enable"):  # transformers models
+        model.gradient_checkpointing_enable()
+        return
+    if isinstance(getattr(model, "gradient_checkpointing", None), bool):  # minihalo.HybridLM
+        model.gradient_checkpointing = True
+        return
+    layers = getattr(model, "layers", None)
+    if layers is None and hasattr(model, "model"):
+        layers = getattr(model.model, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no `layers` to checkpoint; turn grad_checkpointing off")
+    for layer in layers:
+        if getattr(layer, "_minihalo_checkpointed", False):
+            continue
+        forward = layer.forward
+
+        @functools.wraps(forward)
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = checkpointed
+        layer._minihalo_checkpointed = True
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def _rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, scheduler, step, cfg, history):
+    """Write everything needed to resume at `step` to `path`, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step, "rng": _rng_state(),
+             "config": asdict(cfg), "history": history}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, optimizer=None, scheduler=None):
+    """Restore a checkpoint written by `save_checkpoint`; returns the dict (step, history, config)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise ValueError(f"{path} is not a minihalo training checkpoint (expected keys 'model', 'step', ...)")
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None, eval_fn=None, device=None):
+    """Train `model` for `cfg.steps` optimizer steps. Returns the history dict:
+
+        {"step": [...], "loss": [...], "lr": [...], "tokens_per_s": float, "evals": [(step, dict), ...]}
+
+    `eval_fn(model) -> dict` runs every `cfg.eval_every` steps (and after the last), in eval mode
+    under `torch.no_grad()`. Checkpoints go to `cfg.ckpt_dir/last.pt`; if that file exists and
+    `cfg.resume`, training continues from it and ends with exactly the parameters an uninterrupted
+    run would have (on the same device, same seed).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    all_params = list(model.parameters())
+    if params is None:
+        train_params = [p for p in all_params if p.requires_grad]
+    else:
+        train_params = list(params)
+    if not train_params:
+        raise ValueError("no parameters to train: params is empty or every parameter has requires_grad=False")
+    chosen = {id(p) for p in train_params}
+    if any(id(p) not in {id(q) for q in all_params} for p in train_params):
+        raise ValueError("params must be parameters of the model being trained")
+    saved_flags = [p.requires_grad for p in all_params]
+    for p in all_params:  # freeze everything outside `params` for this run
+        p.requires_grad_(id(p) in chosen)
+
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(model)
+    optimizer = torch.optim.AdamW(train_params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              enabled=cfg.bf16 and device.type == "cuda")
+
+    history = {"step": [], "loss": [], "lr": [], "tokens_per_s": 0.0, "evals": []}
+    start = 0
+    ckpt = Path(cfg.ckpt_dir) / "last.pt" if cfg.ckpt_dir else None
+    if ckpt is not None and cfg.resume and ckpt.exists():
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        start, history = state["step"], state["history"]
+    else:
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+
+    def run_eval(step):
+        if eval_fn is None:
+            return
+        model.eval()
+        with torch.no_grad(), autocast:
+            result = eval_fn(model)
+        model.train()
+        history["evals"].append((step, result))
+        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in result.items()))
+
+    model.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
+               desc="train", dynamic_ncols=True)
+    tokens, t0 = 0, time.perf_counter()
+    try:
+        for step in bar:
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                batch = to_device(batches(step * cfg.grad_accum + micro), device)
+                with autocast:
+                    loss = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at step {step} (micro-batch {micro}); training stopped. "
+                        + (f"The last good checkpoint is {ckpt} (step {(step // cfg.ckpt_every) * cfg.ckpt_every}). "
+                           if ckpt is not None and cfg.ckpt_every and step >= cfg.ckpt_every else "")
+                        + "Lower the learning rate, check the data, or turn on grad_clip.")
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+                tokens += count_tokens(batch)
+            if cfg.grad_clip:
+                norm = torch.nn.utils.clip_grad_norm_(train_params, cfg.grad_clip)
+                if not torch.isfinite(norm):
+                    raise NonFiniteLossError(f"gradient norm is {norm.item()} at step {step}; training stopped "
+                                             f"before the update. Last good checkpoint: {ckpt}")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                history["step"].append(done)
+                history["loss"].append(loss_sum)
+                history["lr"].append(scheduler.get_last_lr()[0])
+            elapsed = time.perf_counter() - t0
+            history["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{history['tokens_per_s']:.0f}")
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                run_eval(done)
+            if ckpt is not None and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+                save_checkpoint(ckpt, model, optimizer, scheduler, done, cfg, history)
+    finally:
+        bar.close()
+        for p, flag in zip(all_params, saved_flags):
+            p.requires_grad_(flag)
+    if eval_fn is not None and not cfg.eval_every:
+        run_eval(cfg.steps)
+    return history
