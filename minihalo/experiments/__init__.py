@@ -1,0 +1,1 @@
+"""Experiments that produce the committed results under notebooks/results/ (run as `python -m ...`)."""
