@@ -35,7 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "data" / "cache"
+_REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+# In a repository checkout: data/cache/ (git-ignored). Installed with pip (e.g. on Colab): ~/.cache/minihalo.
+DEFAULT_CACHE = _REPO_DATA / "cache" if _REPO_DATA.is_dir() else Path.home() / ".cache" / "minihalo"
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +255,8 @@ def write_token_file(docs, tokenizer, path):
 def prepare(corpus="english", tokenizer="byte", out_dir=None, val_fraction=0.05, seed=0, docs=None):
     """Build (or reuse) the token files of a corpus. Returns the folder holding them.
 
-    Output folder (default `data/cache/<corpus>-<tokenizer>-<hash>/`, git-ignored):
+    Output folder (default `data/cache/<corpus>-<tokenizer>-<hash>/`, git-ignored; ~/.cache/minihalo/... when
+    minihalo is installed rather than checked out):
         train.bin, val.bin           flat token arrays (uint16 if the vocabulary fits, else uint32)
         train_docs.npy, val_docs.npy document start offsets into the .bin files
         meta.json                    corpus, tokenizer, vocab size, dtype, token and document counts
