@@ -219,6 +219,7 @@ class Lightning(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.lin_rope:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # under bf16 autocast the fp32 norm weights make q, k fp32
         if self.kv_heads != H:
             k = k.repeat_interleave(H // self.kv_heads, dim=2)  # (B, T, H, D)
             v = v.repeat_interleave(H // self.kv_heads, dim=2)

@@ -194,6 +194,23 @@ def niah_training_rows(tokenizer, seq_len, filler, rng, n, template="short", var
     return torch.tensor(rows, dtype=torch.long)  # (n, seq_len + 1)
 
 
+def copy_rows(rng, n, seq_len, alphabet, min_len=8, max_len=32):
+    """`n` rows of `seq_len + 1` tokens, each a random string (length in [min_len, max_len], symbols drawn
+    uniformly from the token ids `alphabet`) repeated until the row is full. Returns (n, seq_len + 1) int64.
+
+    From the second repetition on, every token is predictable only by finding the current context earlier
+    in the row and copying what followed it: the *induction head* mechanism (Olsson et al. 2022) that
+    needle retrieval relies on. Mixed into training, such rows give that mechanism a dense signal, so it
+    forms far sooner than from needle rows alone, which supervise a few tokens per row (notes/retrieval.md).
+    """
+    alphabet = np.asarray(alphabet, dtype=np.int64)
+    rows = np.empty((n, seq_len + 1), dtype=np.int64)
+    for i in range(n):
+        seg = alphabet[rng.integers(0, len(alphabet), int(rng.integers(min_len, max_len + 1)))]
+        rows[i] = np.tile(seg, (seq_len + 1) // len(seg) + 1)[:seq_len + 1]
+    return torch.from_numpy(rows)
+
+
 def make_mqar(num_samples, seq_len, num_kv_pairs, vocab_size, seed=0):
     """Multi-query associative recall (Zoology). Returns `inputs` (N, T) and `targets` (N, T).
 

@@ -3,14 +3,17 @@
 HALO starts from a pretrained Transformer. The paper uses Qwen3-1.7B; to run the whole pipeline on a
 laptop, minihalo pretrains its own tiny one in minutes:
 
-    model, report = train_toy_teacher("cpu")     # about 2.5 minutes on 2 CPU cores
-    model, report = train_toy_teacher("gpu")     # a few minutes on one GPU, a longer context
+    model, report = train_toy_teacher("cpu")              # about 3 minutes on 2 CPU cores: no retrieval yet
+    model, report = train_toy_teacher("cpu", steps=3000)  # about 15 minutes on 2 CPU cores: retrieves
+    model, report = train_toy_teacher("gpu")              # about 2 minutes on one GPU, a longer context
 
 Its data: the offline English corpus (minihalo.data.english_corpus), packed into sequences of
-`seq_len` bytes, with a share of the rows replaced by *retrieval documents*: a needle-in-a-haystack
-prompt (natural-text haystack, needle at a random depth and distance) followed by its answer. Without
-them a model this small never learns to retrieve; with them it finds a needle anywhere inside its
-training length, and — being a RoPE Transformer — fails beyond it (notebook 05).
+`seq_len` bytes, with a share of the rows replaced by *retrieval documents* (a needle-in-a-haystack
+prompt: natural-text haystack, needles at random depths, then the questions and their answers) and,
+in the CPU preset, *copy documents* (tasks.copy_rows). Retrieval is learned in a sudden jump after a
+plateau (an induction head forms): ~1250-1500 steps of the CPU recipe, ~1100 of the GPU one. After
+it the teacher finds a needle anywhere inside its training length and, being a RoPE Transformer,
+fails beyond it (notebook 05).
 
 Shapes: B batch, T sequence length (`seq_len`).
 """
@@ -22,28 +25,38 @@ import torch
 from .data import ByteTokenizer, MixedBatches, PackedBatches, TokenFile, prepare
 from .evaluate import heldout_windows, niah_accuracy, niah_grid, perplexity_by_length, token_nll, unigram_loss
 from .model import HybridConfig, HybridLM
-from .tasks import niah_training_rows
+from .tasks import copy_rows, make_niah_sample, niah_training_rows
 from .train import TrainConfig, train
 
 PRESETS = {
-    # 4 layers, d = 128, 0.8M parameters; 480 steps x 16 x 256 bytes = 2.0M tokens
+    # 4 layers, d = 128, 0.8M parameters; 480 steps x 32 x 128 bytes = 2.0M tokens (~3 minutes on 2 cores).
+    # Learns English but not yet retrieval: that takes ~1500 steps (steps=3000: ~15 minutes), see README.
     "cpu": dict(model=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
                            head_dim=32),
-                corpus="english", seq_len=256, batch_size=16, steps=480, lr=3e-3, min_lr=3e-4, warmup_steps=30,
-                retrieval_share=0.25),
+                corpus="english", seq_len=128, batch_size=32, steps=480, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                retrieval_share=0.4, copy_share=0.25, copy_len=(4, 16)),
     # 6 layers, d = 256, 4.8M parameters; 3000 steps x 32 x 1024 bytes = 98M tokens
     "gpu": dict(model=dict(hidden_size=256, intermediate_size=768, num_layers=6, num_heads=8, num_kv_heads=4,
                            head_dim=32),
                 corpus="english+code", seq_len=1024, batch_size=32, steps=3000, lr=2e-3, min_lr=2e-4,
-                warmup_steps=50, retrieval_share=0.2),
+                warmup_steps=50, retrieval_share=0.2, copy_share=0.0, copy_len=(8, 32)),
 }
 
 
-def teacher_config(preset="cpu", **overrides):
-    """The HybridConfig of the toy teacher: every layer attention with RoPE (a Qwen3 in miniature)."""
+def recipe(preset="cpu", **changes):
+    """A preset's recipe (a dict like PRESETS[preset]) with some entries changed, e.g. `lr=1e-3`."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    p = PRESETS[preset]
+    unknown = set(changes) - set(PRESETS[preset])
+    if unknown:
+        raise ValueError(f"unknown recipe entries {sorted(unknown)}; expected some of {sorted(PRESETS[preset])}")
+    return {**PRESETS[preset], **changes}
+
+
+def teacher_config(preset="cpu", **overrides):
+    """The HybridConfig of the toy teacher: every layer attention with RoPE (a Qwen3 in miniature).
+    `preset` is a preset's name or a recipe dict."""
+    p = preset if isinstance(preset, dict) else recipe(preset)
     kw = dict(vocab_size=256, layer_types=["attention"] * p["model"]["num_layers"], attn_rope=True,
               rope_theta=10000.0, tie_word_embeddings=True, qk_norm=True, max_position_embeddings=p["seq_len"],
               eos_token_id=ByteTokenizer.eos_token_id, **p["model"])
@@ -56,31 +69,40 @@ def retrieval_source(tokenizer, seq_len, filler):
     return lambda rng, n: niah_training_rows(tokenizer, seq_len, filler, rng, n)
 
 
-def teacher_batches(data_dir, seq_len, batch_size, retrieval_share, seed=0):
-    """Batches by step: corpus windows, and a `retrieval_share` of rows that are NIAH documents."""
+COPY_ALPHABET = np.arange(33, 127)  # printable ASCII without the space: the symbols of copy documents
+
+
+def teacher_batches(data_dir, seq_len, batch_size, retrieval_share, copy_share=0.0, copy_len=(8, 32), seed=0):
+    """Batches by step: corpus windows, a `retrieval_share` of rows that are NIAH documents and a
+    `copy_share` of copy documents (a random string of `copy_len` bytes, repeated: see tasks.copy_rows)."""
     tok, train_split = ByteTokenizer(), TokenFile(data_dir, "train")
     text = PackedBatches(train_split, seq_len, batch_size, seed)
-    if retrieval_share <= 0:
+    if retrieval_share <= 0 and copy_share <= 0:
         return text
-    return MixedBatches([text, retrieval_source(tok, seq_len, train_split.tokens)],
-                        [1 - retrieval_share, retrieval_share], batch_size, seed)
+    sources = [text, retrieval_source(tok, seq_len, train_split.tokens)]
+    weights = [1 - retrieval_share - copy_share, retrieval_share]
+    if copy_share > 0:
+        sources.append(lambda rng, n: copy_rows(rng, n, seq_len, COPY_ALPHABET, *copy_len))
+        weights.append(copy_share)
+    return MixedBatches(sources, weights, batch_size, seed)
 
 
-def train_toy_teacher(preset="cpu", steps=None, seed=0, device=None, data_dir=None, progress=True,
-                      ckpt_dir=None, niah_samples=40):
-    """Pretrain the toy teacher; returns (model, report).
+def train_toy_teacher(preset="cpu", seed=0, device=None, data_dir=None, progress=True, ckpt_dir=None,
+                      niah_samples=40, bf16=True, **changes):
+    """Pretrain the toy teacher; returns (model, report). `changes` alter the preset's recipe (see `recipe`).
 
     `report` holds the held-out loss next to the unigram baseline (nats/token), NIAH accuracy at the
     training length (needle depths 0, 0.25, 0.5, 0.75, 1), tokens/s and wall time.
     """
-    p = PRESETS[preset] if preset in PRESETS else teacher_config(preset)  # raises for unknown presets
+    p = recipe(preset, **changes)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data_dir = data_dir or prepare(p["corpus"], "byte")
     torch.manual_seed(seed)
-    model = HybridLM(teacher_config(preset)).to(device)
-    cfg = TrainConfig(steps=steps or p["steps"], lr=p["lr"], min_lr=p["min_lr"], warmup_steps=p["warmup_steps"],
+    model = HybridLM(teacher_config(p)).to(device)
+    cfg = TrainConfig(steps=p["steps"], lr=p["lr"], min_lr=p["min_lr"], warmup_steps=p["warmup_steps"], bf16=bf16,
                       seed=seed, progress=progress, ckpt_dir=ckpt_dir, ckpt_every=200 if ckpt_dir else 0)
-    batches = teacher_batches(data_dir, p["seq_len"], p["batch_size"], p["retrieval_share"], seed)
+    batches = teacher_batches(data_dir, p["seq_len"], p["batch_size"], p["retrieval_share"], p["copy_share"],
+                              p["copy_len"], seed)
     t0 = time.perf_counter()
     val = TokenFile(data_dir, "val")
     curve = lambda m: {"niah": niah_accuracy(m, ByteTokenizer(), p["seq_len"], 0.5, 10, seed=9,  # noqa: E731
@@ -90,7 +112,7 @@ def train_toy_teacher(preset="cpu", steps=None, seed=0, device=None, data_dir=No
     wall = time.perf_counter() - t0
     model.eval()
     report = evaluate_teacher(model, data_dir, p["seq_len"], niah_samples=niah_samples)
-    report.update(preset=preset, steps=cfg.steps, seq_len=p["seq_len"], train_seconds=wall,
+    report.update(preset=preset, recipe=p, steps=cfg.steps, seq_len=p["seq_len"], train_seconds=wall,
                   tokens_per_s=history["tokens_per_s"], final_train_loss=history["loss"][-1],
                   curve=history["evals"],
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
@@ -113,14 +135,17 @@ def length_report(model, data_dir, seq_len, multiples=(0.25, 0.5, 1, 2, 4, 8), d
     """NIAH accuracy grid and held-out perplexity at lengths seq_len x `multiples` (for notebook 05).
 
     Perplexity is measured on the last quarter of each window's positions: the predictions that see
-    the longest context, where a RoPE model meets rotations it never saw in training.
+    the longest context, where a RoPE model meets rotations it never saw in training. NIAH skips the
+    lengths too short for a needle, its question and 16 bytes of haystack (`lengths` lists the others).
     """
-    val = TokenFile(data_dir, "val")
+    val, tok = TokenFile(data_dir, "val"), ByteTokenizer()
     lengths = [int(m * seq_len) for m in multiples]
-    grid = niah_grid(model, ByteTokenizer(), lengths, list(depths), niah_samples, seed=2, batch_size=4,
+    probe = make_niah_sample(tok, 4096, 0.5, 0, variant="single_2", filler=val.tokens)
+    niah_lengths = [n for n in lengths if n >= 4096 - probe.filler_len + 16]
+    grid = niah_grid(model, tok, niah_lengths, list(depths), niah_samples, seed=2, batch_size=4,
                      variant="single_2", filler=val.tokens)
     ppl = perplexity_by_length(model, val, lengths, num_windows=num_windows, batch_size=2, tail=seq_len // 4)
-    return {"lengths": lengths, "depths": list(depths), "niah_grid": grid.tolist(),
+    return {"lengths": niah_lengths, "depths": list(depths), "niah_grid": grid.tolist(),
             "perplexity_tail": {str(k): v for k, v in ppl.items()}}
 
 
@@ -133,20 +158,27 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--out", default=None, help="write the report as JSON here")
     ap.add_argument("--save", default=None, help="save the model here (HybridLM.save_pretrained)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--lengths", action="store_true", help="also measure NIAH and perplexity from T/4 to 8T")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    model, report = train_toy_teacher(args.preset, progress=not args.no_progress)
+    changes = {"steps": args.steps} if args.steps else {}
+    model, report = train_toy_teacher(args.preset, progress=not args.no_progress, **changes)
     report.update(torch=torch.__version__, python=platform.python_version())
+
+    def write():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1, default=str)
+
+    write()  # the training report first: a failure in what follows must not lose it
     if args.lengths:
         report["by_length"] = length_report(model, prepare(PRESETS[args.preset]["corpus"], "byte"), report["seq_len"])
+        write()
     if args.save:
         model.to(torch.bfloat16).save_pretrained(args.save)  # bf16 halves the file; train/eval in fp32
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1, default=str)
     print(f"held-out loss {report['val_loss']:.3f} nats/byte vs unigram {report['unigram_loss']:.3f}; "
           f"NIAH at T={report['seq_len']}: {100 * report['niah_at_train_length']:.0f}% "
           f"({report['train_seconds']:.0f} s on {report['device']})")

@@ -231,3 +231,23 @@ def test_config_errors():
         mh.HybridConfig(num_layers=1, layer_types=["mamba"])
     with pytest.raises(ValueError):
         mh.HybridConfig(num_heads=3, num_kv_heads=2)
+
+
+def test_lightning_gets_one_dtype_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast the projections give bf16 but the fp32 RMSNorm weights make q, k fp32; the Triton
+    kernel takes one dtype only, so the mixer must hand lightning_attn q, k, v of the same dtype."""
+    import minihalo.model as model_module
+    from minihalo.ops import lightning_attn
+    seen = []
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return lightning_attn(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "lightning_attn", recording)
+    cfg = mh.HybridConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                          num_kv_heads=1, head_dim=16, layer_types=["attention", "lightning"])
+    model = mh.HybridLM(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 64, (2, 16))).float().sum().backward()
+    assert seen == [(torch.bfloat16,) * 3]

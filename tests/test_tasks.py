@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minihalo.data import ByteTokenizer
-from minihalo.tasks import exact_match, make_mqar, make_niah, make_niah_sample, niah_training_rows
+from minihalo.tasks import copy_rows, exact_match, make_mqar, make_niah, make_niah_sample, niah_training_rows
 
 TOK = ByteTokenizer()
 
@@ -99,3 +99,15 @@ def test_token_niah():
         facts = {row[i + 1]: row[i + 2:i + 4] for i in range(len(row)) if row[i] == task.NEEDLE}
         asked = [(row[i + 1], row[i + 2:i + 4]) for i in range(len(row)) if row[i] == task.QUERY]
         assert facts and len(asked) == len(facts) and all(facts[k] == v for k, v in asked)
+
+
+def test_copy_rows_repeat_one_string_from_the_alphabet():
+    alphabet = np.arange(33, 127)
+    rows = copy_rows(np.random.default_rng(0), 50, 128, alphabet, min_len=4, max_len=16)
+    assert rows.shape == (50, 129) and rows.dtype == torch.long
+    assert np.isin(rows.numpy(), alphabet).all()
+    periods = []
+    for row in rows.tolist():
+        p = next(p for p in range(4, 17) if row[p:] == row[:-p])  # the shortest period in [4, 16]
+        periods.append(p)
+    assert min(periods) == 4 and max(periods) == 16  # both ends of the range occur in 50 rows
