@@ -222,7 +222,7 @@ def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None
     if not train_params:
         raise ValueError("no parameters to train: params is empty or every parameter has requires_grad=False")
     chosen = {id(p) for p in train_params}
-    if any(id(p) not in {id(q) for q in all_params} for p in train_params):
+    if not chosen <= {id(q) for q in all_params}:
         raise ValueError("params must be parameters of the model being trained")
     saved_flags = [p.requires_grad for p in all_params]
     for p in all_params:  # freeze everything outside `params` for this run

@@ -27,16 +27,14 @@ Shapes: B batch, T training length, L evaluation length.
 """
 import argparse
 import json
-import math
 import platform
 import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from minihalo.evaluate import score_answers
+from minihalo.evaluate import score_answers, token_nll
 from minihalo.model import HybridConfig, HybridLM
 from minihalo.tasks import TokenNIAH, copy_rows
 from minihalo.train import TrainConfig, train
@@ -68,17 +66,14 @@ def model_config(preset, variant, lin_impl="auto"):
                         **VARIANTS[variant], **p["model"])
 
 
-@torch.no_grad()
 def answer_loss(model, rows):
-    """Mean NLL of the answer tokens (the value tokens after each QUERY key) of (N, L+1) rows."""
-    device = next(model.parameters()).device
-    x = rows.to(device)
-    logits = model(x[:, :-1]).float()  # (N, L, V)
-    nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (N, L)
-    q = (x[:, :-1] == TokenNIAH.QUERY).nonzero()  # QUERY at t: key at t+1, values at t+2, t+3
-    mask = torch.zeros_like(nll, dtype=torch.bool)
-    for b, t in q.tolist():
-        mask[b, t + 1:t + 3] = True  # predictions made at t+1 and t+2 are the two value tokens
+    """(mean NLL of the answer tokens, mean NLL of all tokens) of (N, L+1) rows; answers are the value
+    tokens after each QUERY key."""
+    nll = token_nll(model, rows)  # (N, L)
+    query = rows[:, :-1] == TokenNIAH.QUERY  # QUERY at t: key at t+1, values at t+2, t+3
+    mask = torch.zeros_like(query)  # predictions made at t+1 and t+2 are the two value tokens
+    mask[:, 1:] |= query[:, :-1]
+    mask[:, 2:] |= query[:, :-2]
     return nll[mask].mean().item(), nll.mean().item()
 
 
