@@ -134,9 +134,12 @@ def _expand_kv(weight, G, H):
     return weight.unflatten(0, (G, -1)).repeat_interleave(H // G, dim=0).flatten(0, 1)
 
 
+LIGHTNING_OPTIONS = ("lin_rope", "lin_qk_norm", "lin_mha", "lin_output_norm", "lin_output_gate")
+
+
 @torch.no_grad()
-def to_hypenet(teacher: HybridLM, attn_layers, *, lightning_from=None, rnn_rope=True, rnn_qk_norm=True,
-               mha=True, rnn_output_norm=True, rnn_output_gate=True, attn_rope=False,
+def to_hypenet(teacher: HybridLM, attn_layers, *, lightning_from=None, lin_rope=True, lin_qk_norm=True,
+               lin_mha=True, lin_output_norm=True, lin_output_gate=True, attn_rope=False,
                attn_output_gate=True, attn_scale_a=None, seed=0) -> HybridLM:
     """A new HypeNet built from a Transformer teacher (left unchanged). SPEC §4 step 0 and step 3.
 
@@ -145,9 +148,11 @@ def to_hypenet(teacher: HybridLM, attn_layers, *, lightning_from=None, rnn_rope=
     Wq, Wk, Wv, Wo and the q/k norms are copied (K/V heads repeated GQA→MHA), Wz gets nn.Linear's
     default init and the output norm ones. `attn_layers=[]` gives a Lightning layer everywhere
     (HALO stage 1). With `lightning_from` (e.g. the stage-1 model) the Lightning layers are copied
-    from that model's layer of the same index instead (the step-3 assembly).
-    The keyword switches turn each HypeNet change off for ablations; with every layer attention,
-    attn_rope=True and attn_output_gate=False the result computes exactly what the teacher does.
+    from that model's layer of the same index instead (the step-3 assembly); its Lightning options
+    must be the ones asked for here.
+    The keyword switches are HybridConfig's fields of the same names; each turns one HypeNet change
+    off for ablations. With every layer attention, attn_rope=True and attn_output_gate=False the
+    result computes exactly what the teacher does.
     """
     tc = teacher.config
     if set(tc.layer_types) != {"attention"}:
@@ -156,8 +161,10 @@ def to_hypenet(teacher: HybridLM, attn_layers, *, lightning_from=None, rnn_rope=
     keep = _check_layers(attn_layers, tc.num_layers)
     cfg = replace(tc, layer_types=["attention" if i in keep else "lightning" for i in range(tc.num_layers)],
                   attn_rope=attn_rope, attn_output_gate=attn_output_gate, attn_scale_a=attn_scale_a,
-                  lin_rope=rnn_rope, lin_qk_norm=rnn_qk_norm, lin_mha=mha, lin_output_norm=rnn_output_norm,
-                  lin_output_gate=rnn_output_gate)
+                  lin_rope=lin_rope, lin_qk_norm=lin_qk_norm, lin_mha=lin_mha, lin_output_norm=lin_output_norm,
+                  lin_output_gate=lin_output_gate)
+    if lightning_from is not None:
+        _check_lightning_source(lightning_from, cfg)
     p = next(teacher.parameters())
     with torch.random.fork_rng(devices=[p.device] if p.is_cuda else []):
         torch.manual_seed(seed)
@@ -200,6 +207,20 @@ def _init_lightning(src: Attention, dst: Lightning):
         dst.z_proj.reset_parameters()  # nn.Linear's default init (SPEC §4 step 0)
     if dst.cfg.lin_output_norm:
         nn.init.ones_(dst.o_norm.weight)
+
+
+def _check_lightning_source(model, cfg):
+    src = model.config
+    differ = {k: (getattr(src, k), getattr(cfg, k)) for k in LIGHTNING_OPTIONS + ("lin_chunk_size",)
+              if getattr(src, k) != getattr(cfg, k)}
+    if differ:
+        raise ValueError("lightning_from: the source model's Lightning options differ from the requested ones "
+                         + ", ".join(f"{k}: source {a}, requested {b}" for k, (a, b) in differ.items())
+                         + "; pass the options the source model was built with")
+    if (src.num_layers, src.num_heads, src.head_dim, src.hidden_size) != (cfg.num_layers, cfg.num_heads,
+                                                                          cfg.head_dim, cfg.hidden_size):
+        raise ValueError("lightning_from: the source model's shape (layers, heads, head dim, width) differs "
+                         "from the teacher's")
 
 
 def _copy_lightning(model, i, dst):

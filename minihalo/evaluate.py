@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .tasks import make_niah
-from .train import model_logits
+from .model import model_logits
 
 
 def _device(model):

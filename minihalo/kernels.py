@@ -36,6 +36,7 @@ input_precision="ieee" (true fp32, not tf32). On CPU the kernels run under Trito
 (TRITON_INTERPRET=1), in fp32 or fp16; bf16 is refused there because the interpreter's bf16
 tl.dot returns wrong values.
 """
+import contextlib
 import os
 
 import torch
@@ -225,19 +226,31 @@ def _scan_config(DV, dtype):
     return BV, num_warps, num_stages
 
 
-# Tests and the benchmark's checks set this so that every output buffer starts as NaN ("poisoned"):
-# an element the kernel fails to write then shows up. Off by default on the GPU, where filling
-# costs a full extra write of each output.
+# Under the interpreter every output buffer starts as NaN ("poisoned"): an element the kernel fails to
+# write then shows up. Off by default on the GPU, where filling costs a full extra write of each
+# output; the benchmark's checks turn it on with `poison_outputs()`.
 POISON_OUTPUTS = INTERPRETED
 
 
-def _new_output(shape, dtype, device):
+@contextlib.contextmanager
+def poison_outputs(on=True):
+    """Within the block, kernel outputs start as NaN (on=True) or uninitialized; restored on exit."""
+    global POISON_OUTPUTS
+    saved, POISON_OUTPUTS = POISON_OUTPUTS, on
+    try:
+        yield
+    finally:
+        POISON_OUTPUTS = saved
+
+
+def new_output(shape, dtype, device):
+    """An output buffer for a kernel: NaN-filled while POISON_OUTPUTS is on, else uninitialized."""
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _scan(a, b, c, g, scale, chunk_size, s_init=None, reverse=False, want_final=False, config=None):
+def scan(a, b, c, g, scale, chunk_size, s_init=None, reverse=False, want_final=False, config=None):
     """Launch `_lightning_scan_kernel`: out_t = scale * a_t · S_t, S_t = gamma S_{t-1} + b_t^T c_t.
 
     a, b: (B, T, H, DK); c: (B, T, H, DV); s_init: (B, H, DK, DV) fp32 (any strides) or None.
@@ -248,8 +261,8 @@ def _scan(a, b, c, g, scale, chunk_size, s_init=None, reverse=False, want_final=
     DV = c.shape[-1]
     BK = _pow2_at_least_16(DK)
     BV, num_warps, num_stages = config or _scan_config(DV, c.dtype)
-    out = _new_output(c.shape, c.dtype, c.device)
-    final = _new_output((Bsz, H, DK, DV), torch.float32, c.device) if want_final else None
+    out = new_output(c.shape, c.dtype, c.device)
+    final = new_output((Bsz, H, DK, DV), torch.float32, c.device) if want_final else None
     s0 = s_init if s_init is not None else out  # unused pointer when HAS_INIT is False
     s_strides = s_init.stride() if s_init is not None else (0, 0, 0, 0)
     grid = (triton.cdiv(DV, BV), Bsz * H)
@@ -270,7 +283,7 @@ class LightningAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, chunk_size):
-        o, final = _scan(q, k, v, g, scale, chunk_size, s_init=initial_state, want_final=output_final_state)
+        o, final = scan(q, k, v, g, scale, chunk_size, s_init=initial_state, want_final=output_final_state)
         ctx.save_for_backward(q, k, v, g, initial_state)
         ctx.scale, ctx.chunk_size = scale, chunk_size
         ctx.set_materialize_grads(False)
@@ -285,10 +298,10 @@ class LightningAttnFunction(torch.autograd.Function):
         do = do.contiguous()
         need_ds0 = s0 is not None and ctx.needs_input_grad[5]
         # dq: forward-time scan of dO against (v, k); the initial state enters as S_0^T (a strided view).
-        dq, _ = _scan(do, v, k, g, scale, C, s_init=None if s0 is None else s0.transpose(-1, -2))
+        dq, _ = scan(do, v, k, g, scale, C, s_init=None if s0 is None else s0.transpose(-1, -2))
         # dk, dv: the same scan run backwards in time.
-        dk, _ = _scan(v, do, q, g, scale, C, reverse=True)
-        dv, R = _scan(k, q, do, g, scale, C, reverse=True, want_final=need_ds0)
+        dk, _ = scan(v, do, q, g, scale, C, reverse=True)
+        dv, R = scan(k, q, do, g, scale, C, reverse=True, want_final=need_ds0)
         # R = sum_u gamma^u q_u^T dO_u; S_0 reaches o_u through gamma^(u+1): dS_0 = scale * gamma * R.
         gamma = g.exp()[None, :, None, None]                                  # (1, H, 1, 1)
         ds0 = scale * gamma * R if need_ds0 else None
@@ -351,7 +364,7 @@ def lightning_step_triton(q, k, v, g_gamma, state, scale):
     if max(DK, DV) > MAX_HEAD_DIM:
         raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported; got K={DK}, V={DV}")
     g = g_gamma.to(device=q.device, dtype=torch.float32).contiguous()
-    o = _new_output(v.shape, q.dtype, q.device)
+    o = new_output(v.shape, q.dtype, q.device)
     BK = triton.next_power_of_2(DK)
     BV = min(32, triton.next_power_of_2(DV))
     grid = (triton.cdiv(DV, BV), Bsz * H)

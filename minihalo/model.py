@@ -13,7 +13,7 @@ H query heads, G key/value heads (GQA), D head dim, V vocabulary.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
 import torch
@@ -204,9 +204,15 @@ class Lightning(nn.Module):
             self.o_norm = RMSNorm(H * D, cfg.rms_norm_eps)
         if cfg.lin_output_gate:
             self.z_proj = nn.Linear(d, H * D, bias=False)
-        # Fixed per-head log decays, the same in every layer (SPEC §2). A plain attribute, not a
-        # buffer, so that model.to(bfloat16) cannot round the decays; moved to the input's device once.
-        self.g_gamma = lightning_decay(H)
+        # Fixed per-head log decays, the same in every layer (SPEC §2): a buffer that follows the
+        # model's device but not its dtype (see _apply), and is not saved (it is a function of H).
+        self.register_buffer("g_gamma", lightning_decay(H), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """model.to(bfloat16) must not round the decays: g_gamma stays fp32 whatever `fn` casts to."""
+        super()._apply(fn, recurse)
+        self.g_gamma = lightning_decay(self.cfg.num_heads).to(self.g_gamma.device)
+        return self
 
     def forward(self, x, ctx, cache):
         cfg = self.cfg
@@ -225,12 +231,9 @@ class Lightning(nn.Module):
             v = v.repeat_interleave(H // self.kv_heads, dim=2)
         if ctx.token_mask is not None:  # padding must not enter the state: k_t^T v_t = 0 there
             k = k * ctx.token_mask[:, :, None, None].to(k.dtype)
-        if self.g_gamma.device != x.device:
-            self.g_gamma = self.g_gamma.to(x.device)
         state = None if cache is None else cache.get("state")
         if state is not None and T == 1:  # decode: the recurrent form, state updated in place
-            step_impl = {"triton": "triton", "auto": "auto"}.get(cfg.lin_impl, "torch")
-            o = lightning_step(q[:, 0], k[:, 0], v[:, 0], self.g_gamma, state, impl=step_impl)[:, None]
+            o = lightning_step(q[:, 0], k[:, 0], v[:, 0], self.g_gamma, state, impl=cfg.lin_impl)[:, None]
         else:  # training / prefill: the chunked form
             o, state = lightning_attn(q, k, v, self.g_gamma, initial_state=state, output_final_state=True,
                                       chunk_size=cfg.lin_chunk_size, impl=cfg.lin_impl)
@@ -258,12 +261,19 @@ class Block(nn.Module):
 
 
 @dataclass
-class _Context:
-    """What every layer needs to know about this call's tokens."""
+class Context:
+    """What every layer needs to know about this call's tokens. HybridLM.forward builds it; to call
+    one mixer alone, use `Context.causal`: `layer.mixer(x, Context.causal(cfg, B, T), None)`."""
     positions: torch.Tensor  # (B, T) 0-based token positions, padding excluded
     rope: Optional[tuple]  # cos, sin (B, T, 1, D), or None when no layer uses RoPE
     token_mask: Optional[torch.Tensor]  # (B, T) 1 = real token, 0 = padding; None = no padding
     attn_mask: Optional[torch.Tensor]  # (B, 1, T, S) bool, True = may attend; None = plain causal
+
+    @classmethod
+    def causal(cls, cfg, batch_size, seq_len, device=None, dtype=torch.float32):
+        """An unpadded, uncached call: positions 0..T-1, plain causal attention."""
+        positions = torch.arange(seq_len, device=device).expand(batch_size, seq_len)  # (B, T)
+        return cls(positions, rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype), None, None)
 
 
 class Cache:
@@ -279,7 +289,7 @@ class Cache:
 class HybridLM(nn.Module):
     def __init__(self, config: HybridConfig):
         super().__init__()
-        self.config = cfg = config
+        self.config = cfg = replace(config)  # its own copy: set_query_scale must not reach other models
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -321,7 +331,7 @@ class HybridLM(nn.Module):
         uses_rope = (cfg.attn_rope and "attention" in cfg.layer_types) or (cfg.lin_rope and "lightning" in cfg.layer_types)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype) if uses_rope else None
-        ctx = _Context(positions, rope, new_mask if has_padding else None, attn_mask)
+        ctx = Context(positions, rope, new_mask if has_padding else None, attn_mask)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if self.gradient_checkpointing and self.training and cache is None:
@@ -329,6 +339,14 @@ class HybridLM(nn.Module):
             else:
                 x = layer(x, ctx, layer_cache)
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def set_query_scale(self, a):
+        """Switch the HyPE query scale s_t = log_a(t + a) of the attention layers on (a > 1) or off
+        (None). It is part of the config, so save_pretrained keeps it (SPEC §4 step 5)."""
+        if a is not None and not (isinstance(a, (int, float)) and a > 1):
+            raise ValueError(f"the query scale base a must be a number > 1 (or None to switch it off); got {a!r}")
+        self.config.attn_scale_a = None if a is None else float(a)
+        return self
 
     def new_cache(self):
         return Cache(len(self.layers))
@@ -396,6 +414,17 @@ class HybridLM(nn.Module):
             raise ValueError(f"checkpoint {path!r} does not match its config: missing {sorted(missing)}, "
                              f"unexpected {sorted(unexpected)}")
         return model
+
+
+def model_logits(out):
+    """Logits from a model output: a tensor (minihalo), an object with `.logits` (transformers), or a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}")
 
 
 def _sample(logits, temperature, top_p, generator):

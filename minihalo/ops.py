@@ -157,9 +157,11 @@ def lightning_step(q, k, v, g_gamma, state, scale=None, impl="auto"):
     """One decode step (SPEC §2 form 1) for a single new token; `state` is updated in place.
 
     q, k: (B, H, K); v: (B, H, V); state: (B, H, K, V) fp32. Returns o (B, H, V) in q's dtype.
+    `impl` takes the names of `lightning_attn`: for one token the recurrent, parallel and chunkwise
+    forms are the same PyTorch update; "triton" is the in-place kernel; "auto" picks by device.
     """
-    if impl not in ("torch", "triton", "auto"):
-        raise ValueError(f"unknown impl {impl!r}; expected 'torch', 'triton' or 'auto'")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if impl == "triton" or (impl == "auto" and q.is_cuda):

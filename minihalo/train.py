@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from minihalo.model import model_logits
+
 
 @dataclass
 class TrainConfig:
@@ -78,17 +80,6 @@ def lr_at(step, cfg: TrainConfig):
         return cfg.lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def model_logits(out):
-    """Logits from a model output: a tensor (minihalo), an object with `.logits` (transformers), or a tuple."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}")
 
 
 def next_token_loss(model, batch):

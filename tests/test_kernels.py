@@ -23,7 +23,7 @@ def rel_err(a, b):
 def test_runs_under_interpreter_and_poisons_outputs():
     assert kernels.INTERPRETED, "tests must run the kernels through TRITON_INTERPRET=1"
     assert kernels.POISON_OUTPUTS
-    out = kernels._new_output((3,), torch.float32, "cpu")
+    out = kernels.new_output((3,), torch.float32, "cpu")
     assert torch.isnan(out).all()
 
 

@@ -108,7 +108,7 @@ def test_weight_transfer():
     llama_student = mh.to_hypenet(mh.from_hf(tiny_hf("llama", tied=True)), [0])
     assert torch.equal(llama_student.layers[1].mixer.q_norm.weight, torch.ones(D))
     # ablation switches remove the parts
-    bare = mh.to_hypenet(teacher, [], rnn_qk_norm=False, rnn_output_gate=False, rnn_output_norm=False, mha=False)
+    bare = mh.to_hypenet(teacher, [], lin_qk_norm=False, lin_output_gate=False, lin_output_norm=False, lin_mha=False)
     lin = bare.layers[0].mixer
     assert not any(hasattr(lin, n) for n in ("q_norm", "z_proj", "o_norm"))
     assert torch.equal(lin.k_proj.weight, teacher.layers[0].mixer.k_proj.weight)

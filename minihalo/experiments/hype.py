@@ -110,9 +110,9 @@ def pick_scale_a(model, task, p):
     rows = [eval_rows(task, 16 * p["seq_len"], 1, 3 + i) for i in range(p["loss_rows"])]
     losses = {}
     for a in [None] + p["a_grid"]:
-        model.config.attn_scale_a = a
+        model.set_query_scale(a)
         losses[str(a)] = float(np.mean([answer_loss(model, r)[0] for r in rows]))
-    model.config.attn_scale_a = None
+    model.set_query_scale(None)
     best = min(p["a_grid"], key=lambda a: losses[str(a)])
     return best, losses
 
@@ -141,10 +141,10 @@ def run(preset="cpu", variants=tuple(VARIANTS), device=None, progress=True, lin_
         results["models"][variant] = entry
         if variant == "hype":
             a, losses = pick_scale_a(model, task, p)
-            model.config.attn_scale_a = a
+            model.set_query_scale(a)
             results["models"]["hype_st"] = {"scale_a": a, "a_grid_answer_loss": losses,
                                             **evaluate_model(model, task, p)}
-            model.config.attn_scale_a = None
+            model.set_query_scale(None)
         print(f"{variant}: niah {entry['niah']}", file=sys.stderr)
     return results
 
