@@ -44,6 +44,13 @@ def lightning_decay(num_heads: int) -> torch.Tensor:
     return -torch.tensor(slopes, dtype=torch.float32)
 
 
+def rel_err(a, b) -> float:
+    """Relative error ||a - b|| / ||b|| (Frobenius norms, in fp64): how every comparison in minihalo's
+    tests, notebooks and benchmarks is measured."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
 def _check_inputs(q, k, v, g_gamma, initial_state, impl):
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
