@@ -1,6 +1,6 @@
 """Weights in and out of HybridLM: load a transformers Qwen3/Llama checkpoint as a minihalo
 Transformer (`from_hf`), and turn a Transformer into a HypeNet (`to_hypenet`, HALO step 0 and the
-step-3 assembly of SPEC §4).
+step-3 assembly of docs/method.md §4).
 
 Shapes: d model width, H query heads, G key/value heads, D head dim.
 """
@@ -73,7 +73,7 @@ def _read_checkpoint_folder(path):
 
 def from_hf(model_or_path, dtype=None) -> HybridLM:
     """A transformers Qwen3ForCausalLM / LlamaForCausalLM (object or checkpoint folder with
-    config.json + safetensors) as a minihalo Transformer with the same logits (SPEC §1)."""
+    config.json + safetensors) as a minihalo Transformer with the same logits (docs/method.md §1)."""
     if isinstance(model_or_path, (str, os.PathLike)):
         hf_cfg, state = _read_checkpoint_folder(os.fspath(model_or_path))
     elif isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
@@ -130,7 +130,7 @@ def _check_layers(attn_layers, num_layers):
 
 def _expand_kv(weight, G, H):
     """Rows of a K or V projection for G heads (G*D, ...) -> H heads (H*D, ...), each KV head
-    repeated for its query group in repeat_interleave order: kv0, kv0, kv1, kv1, ... (SPEC §3.1)."""
+    repeated for its query group in repeat_interleave order: kv0, kv0, kv1, kv1, ... (docs/method.md §3.1)."""
     return weight.unflatten(0, (G, -1)).repeat_interleave(H // G, dim=0).flatten(0, 1)
 
 
@@ -141,7 +141,7 @@ LIGHTNING_OPTIONS = ("lin_rope", "lin_qk_norm", "lin_mha", "lin_output_norm", "l
 def to_hypenet(teacher: HybridLM, attn_layers, *, lightning_from=None, lin_rope=True, lin_qk_norm=True,
                lin_mha=True, lin_output_norm=True, lin_output_gate=True, attn_rope=False,
                attn_output_gate=True, attn_scale_a=None, seed=0) -> HybridLM:
-    """A new HypeNet built from a Transformer teacher (left unchanged). SPEC §4 step 0 and step 3.
+    """A new HypeNet built from a Transformer teacher (left unchanged). docs/method.md §4 step 0 and step 3.
 
     Layers in `attn_layers` keep softmax attention, with NoPE and a new output gate Wg ~ N(0, 0.02).
     Every other layer becomes Lightning attention initialized from that layer's attention:
@@ -191,7 +191,7 @@ def _copy_attention(src, dst):
 
 
 def _init_lightning(src: Attention, dst: Lightning):
-    """HALO step 0: a Lightning layer from an attention layer's weights (SPEC §4)."""
+    """HALO step 0: a Lightning layer from an attention layer's weights (docs/method.md §4)."""
     H, G = src.cfg.num_heads, src.cfg.num_kv_heads
     for name in ("q_proj", "o_proj"):
         getattr(dst, name).load_state_dict(getattr(src, name).state_dict())
@@ -204,7 +204,7 @@ def _init_lightning(src: Attention, dst: Lightning):
         dst.q_norm.load_state_dict(src.q_norm.state_dict())
         dst.k_norm.load_state_dict(src.k_norm.state_dict())
     if dst.cfg.lin_output_gate:
-        dst.z_proj.reset_parameters()  # nn.Linear's default init (SPEC §4 step 0)
+        dst.z_proj.reset_parameters()  # nn.Linear's default init (docs/method.md §4 step 0)
     if dst.cfg.lin_output_norm:
         nn.init.ones_(dst.o_norm.weight)
 

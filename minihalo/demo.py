@@ -25,7 +25,7 @@ def main():
           f"minihalo logits differ by at most {diff:.1e}")
     assert diff <= 1e-4
 
-    attn_layers = [2, 5]  # keep 2 of 8 layers as softmax attention (HALO would pick them: SPEC §4)
+    attn_layers = [2, 5]  # keep 2 of 8 layers as softmax attention (HALO would pick them: docs/method.md §4)
     hypenet = minihalo.to_hypenet(teacher, attn_layers, attn_scale_a=500.0).eval()
     print("HypeNet layers:", " ".join("A" if t == "attention" else "L" for t in hypenet.config.layer_types))
     for name, model in (("teacher", teacher), ("hypenet", hypenet)):

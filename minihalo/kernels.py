@@ -1,6 +1,6 @@
-"""Triton kernels for Lightning Attention (SPEC §2): chunked forward, backward and decode step.
+"""Triton kernels for Lightning Attention (docs/method.md §2): chunked forward, backward and decode step.
 
-Everything here computes the chunkwise form of SPEC §2. For one head, chunk n, local positions
+Everything here computes the chunkwise form of docs/method.md §2. For one head, chunk n, local positions
 j = 1..C (C = chunk size), Lambda_j = gamma^j and M_C[i, j] = gamma^(i-j) for i >= j else 0:
 
     O_[n] = scale * ((Q_[n] ⊙ Lambda) S_[n-1] + ((Q_[n] K_[n]^T) ⊙ M_C) V_[n])      (output)
@@ -69,7 +69,7 @@ def _lightning_scan_kernel(
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else "tf32" (ignored for fp16/bf16 inputs)
 ):
-    """out_t = scale * a_t · S_t with S_t = gamma S_{t-1} + b_t^T c_t, chunk by chunk (SPEC §2.3).
+    """out_t = scale * a_t · S_t with S_t = gamma S_{t-1} + b_t^T c_t, chunk by chunk (docs/method.md §2.3).
 
     Program (i_v, i_bh) computes out[batch, :, head, i_v*BV : (i_v+1)*BV] and the matching
     columns of the state. Every decay exponent below is g times a count >= 0, so <= 0: no
@@ -87,7 +87,7 @@ def _lightning_scan_kernel(
     mask_v = offs_v < DV
 
     g = tl.load(G + i_h).to(tl.float32)
-    # Decays that are the same for every chunk (SPEC §2.3):
+    # Decays that are the same for every chunk (docs/method.md §2.3):
     #   M_C[i, j] = gamma^(i-j) for i >= j else 0    (C, C)  within-chunk causal decay mask
     #   Lambda_j  = gamma^j                            (C,)   decay of the carried state S_[n-1] to position j
     diff = offs_c[:, None] - offs_c[None, :]
@@ -147,7 +147,7 @@ def _lightning_scan_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# The decode step: one token, recurrent form (SPEC §2 form 1), state updated in place.
+# The decode step: one token, recurrent form (docs/method.md §2 form 1), state updated in place.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _lightning_step_kernel(
@@ -279,7 +279,7 @@ def scan(a, b, c, g, scale, chunk_size, s_init=None, reverse=False, want_final=F
 
 class LightningAttnFunction(torch.autograd.Function):
     """Forward = one scan; backward = three scans (see the module docstring). No gradient for g_gamma:
-    the decays are fixed ALiBi slopes (SPEC §2)."""
+    the decays are fixed ALiBi slopes (docs/method.md §2)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, chunk_size):
@@ -326,7 +326,7 @@ def _check_chunk_size(chunk_size):
 
 
 def lightning_attn_triton(q, k, v, g_gamma, scale, initial_state=None, output_final_state=False, chunk_size=64):
-    """Lightning Attention through the Triton kernels (SPEC §2, chunkwise). Called by
+    """Lightning Attention through the Triton kernels (docs/method.md §2, chunkwise). Called by
     `minihalo.ops.lightning_attn(..., impl="triton")`, which checks shapes first.
 
     Returns (o (B, T, H, V) in q's dtype, final state (B, H, K, V) fp32 or None). Differentiable
@@ -349,7 +349,7 @@ def lightning_attn_triton(q, k, v, g_gamma, scale, initial_state=None, output_fi
 
 
 def lightning_step_triton(q, k, v, g_gamma, state, scale):
-    """One decode step (SPEC §2 form 1) through `_lightning_step_kernel`; `state` updated in place.
+    """One decode step (docs/method.md §2 form 1) through `_lightning_step_kernel`; `state` updated in place.
 
     q, k: (B, H, K); v: (B, H, V); state: (B, H, K, V) fp32 contiguous. Returns o (B, H, V) in q's dtype.
     """

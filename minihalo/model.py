@@ -1,7 +1,7 @@
 """HybridLM: one decoder class for both a Transformer teacher and a HypeNet hybrid.
 
-Each layer is pre-norm (SPEC §1): h = x + Mixer(RMSNorm(x)); x' = h + MLP(RMSNorm(h)). The mixer
-is either softmax attention (GQA, SPEC §1 / §3.2) or Lightning attention (an RNN, SPEC §3.1),
+Each layer is pre-norm (docs/method.md §1): h = x + Mixer(RMSNorm(x)); x' = h + MLP(RMSNorm(h)). The mixer
+is either softmax attention (GQA, docs/method.md §1 / §3.2) or Lightning attention (an RNN, docs/method.md §3.1),
 chosen per layer by `config.layer_types`. A Qwen3 / Llama teacher is this class with every layer
 "attention" and RoPE on; a HypeNet is the same class with the HyPE layout (RoPE in the RNN
 layers, NoPE plus the query scale s_t in the attention layers). Conversion (minihalo.convert)
@@ -41,12 +41,12 @@ class HybridConfig:
     attention_bias: bool = False  # biases on q/k/v/o projections (Qwen3 and Llama: off)
     max_position_embeddings: int = 32768  # the training length; informational
     eos_token_id: Optional[int] = None
-    # softmax-attention layers (SPEC §1, §3.2)
+    # softmax-attention layers (docs/method.md §1, §3.2)
     qk_norm: bool = True  # Qwen3: True, Llama: False
     attn_rope: bool = True  # False = NoPE (HyPE)
     attn_output_gate: bool = False  # y = (o ⊙ sigmoid(x Wg)) Wo
     attn_scale_a: Optional[float] = None  # HyPE query scale s_t = log_a(t + a); None = off
-    # Lightning (RNN) layers (SPEC §3.1)
+    # Lightning (RNN) layers (docs/method.md §3.1)
     lin_rope: bool = True
     lin_qk_norm: bool = True
     lin_mha: bool = True  # K/V with H heads (GQA→MHA); False keeps G heads, shared per group
@@ -71,7 +71,7 @@ class HybridConfig:
 
     def cache_bytes(self, context_len, batch_size=1, dtype=torch.bfloat16):
         """Decoding memory: KV bytes per token of the attention layers (in `dtype`), the constant
-        fp32 state of the Lightning layers, and the total at `context_len` tokens (SPEC §5)."""
+        fp32 state of the Lightning layers, and the total at `context_len` tokens (docs/method.md §5)."""
         n_attn = self.layer_types.count("attention")
         elem = torch.empty((), dtype=dtype).element_size()
         kv_per_token = batch_size * n_attn * 2 * self.num_kv_heads * self.head_dim * elem
@@ -133,7 +133,7 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal softmax attention with GQA (SPEC §1), optionally the HyPE layer of SPEC §3.2:
+    """Causal softmax attention with GQA (docs/method.md §1), optionally the HyPE layer of docs/method.md §3.2:
     NoPE, query scale s_t = ln(t + a) / ln(a), and a sigmoid output gate."""
 
     def __init__(self, cfg):
@@ -184,7 +184,7 @@ class Attention(nn.Module):
 
 
 class Lightning(nn.Module):
-    """Lightning attention layer of HypeNet (SPEC §3.1):
+    """Lightning attention layer of HypeNet (docs/method.md §3.1):
     q, k = RoPE(RMSNorm_D(x Wq)), RoPE(RMSNorm_D(x Wk)); v = x Wv;
     o = LightningAttention(q, k, v);  y = (RMSNorm_{H*D}(o) ⊙ sigmoid(x Wz)) Wo."""
 
@@ -204,7 +204,7 @@ class Lightning(nn.Module):
             self.o_norm = RMSNorm(H * D, cfg.rms_norm_eps)
         if cfg.lin_output_gate:
             self.z_proj = nn.Linear(d, H * D, bias=False)
-        # Fixed per-head log decays, the same in every layer (SPEC §2): a buffer that follows the
+        # Fixed per-head log decays, the same in every layer (docs/method.md §2): a buffer that follows the
         # model's device but not its dtype (see _apply), and is not saved (it is a function of H).
         self.register_buffer("g_gamma", lightning_decay(H), persistent=False)
 
@@ -342,7 +342,7 @@ class HybridLM(nn.Module):
 
     def set_query_scale(self, a):
         """Switch the HyPE query scale s_t = log_a(t + a) of the attention layers on (a > 1) or off
-        (None). It is part of the config, so save_pretrained keeps it (SPEC §4 step 5)."""
+        (None). It is part of the config, so save_pretrained keeps it (docs/method.md §4 step 5)."""
         if a is not None and not (isinstance(a, (int, float)) and a > 1):
             raise ValueError(f"the query scale base a must be a number > 1 (or None to switch it off); got {a!r}")
         self.config.attn_scale_a = None if a is None else float(a)

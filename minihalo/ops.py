@@ -1,4 +1,4 @@
-"""Lightning Attention: linear attention with a fixed per-head decay (SPEC §2).
+"""Lightning Attention: linear attention with a fixed per-head decay (docs/method.md §2).
 
 One function, `lightning_attn`, with several implementations that compute the same thing:
 
@@ -7,7 +7,7 @@ One function, `lightning_attn`, with several implementations that compute the sa
 
 - "recurrent": the per-token loop above. Obviously right; the spec.
 - "parallel":  O = scale * ((Q K^T) ⊙ M) V with M_ts = gamma^(t-s) for s <= t. O(T^2): teaching only.
-- "chunk":     the chunkwise form (SPEC §2.3): exact attention inside chunks of C tokens,
+- "chunk":     the chunkwise form (docs/method.md §2.3): exact attention inside chunks of C tokens,
                the state carries everything older. O(T C D + T D^2) time, O(T D + D^2) memory.
 - "triton":    the same chunkwise algorithm as Triton kernels (minihalo.kernels).
 - "auto":      "triton" on CUDA tensors, "chunk" elsewhere.
@@ -25,7 +25,7 @@ IMPLS = ("recurrent", "parallel", "chunk", "triton", "auto")
 
 
 def lightning_decay(num_heads: int) -> torch.Tensor:
-    """Per-head log decays g_h = -m_h, m_h the ALiBi slopes for `num_heads` heads (SPEC §2).
+    """Per-head log decays g_h = -m_h, m_h the ALiBi slopes for `num_heads` heads (docs/method.md §2).
 
     For H a power of two m_h = 2^(-8h/H), h = 1..H. Otherwise take the slopes of the nearest
     lower power of two P, then every other slope of the 2P recipe (indices 0, 2, 4, ...).
@@ -74,7 +74,7 @@ def _compute_dtype(x):
 
 def lightning_attn(q, k, v, g_gamma, scale=None, initial_state=None, output_final_state=False,
                    chunk_size=64, impl="auto"):
-    """Lightning Attention (SPEC §2). Same layout and arguments as fla's `chunk_simple_gla`.
+    """Lightning Attention (docs/method.md §2). Same layout and arguments as fla's `chunk_simple_gla`.
 
     Returns `o` (B, T, H, V) in the input dtype, or `(o, final_state)` with final_state
     (B, H, K, V) in fp32 (fp64 for fp64 inputs) when `output_final_state=True`.
@@ -98,7 +98,7 @@ def lightning_attn(q, k, v, g_gamma, scale=None, initial_state=None, output_fina
 
 
 def _recurrent(q, k, v, g, scale, s0, chunk_size):
-    """SPEC §2 form 1: one token at a time."""
+    """docs/method.md §2 form 1: one token at a time."""
     B, T, H, K = q.shape
     S = q.new_zeros(B, H, K, v.shape[-1]) if s0 is None else s0  # (B, H, K, V)
     gamma = g.exp()[None, :, None, None]  # (1, H, 1, 1)
@@ -111,7 +111,7 @@ def _recurrent(q, k, v, g, scale, s0, chunk_size):
 
 
 def _parallel(q, k, v, g, scale, s0, chunk_size):
-    """SPEC §2 form 2: O = scale * ((Q K^T) ⊙ M) V, M_ts = gamma^(t-s) (s <= t).
+    """docs/method.md §2 form 2: O = scale * ((Q K^T) ⊙ M) V, M_ts = gamma^(t-s) (s <= t).
 
     An initial state enters as scale * gamma^(t+1) * q_t S_0; the final state is
     gamma^T S_0 + sum_s gamma^(T-1-s) k_s^T v_s.
@@ -131,7 +131,7 @@ def _parallel(q, k, v, g, scale, s0, chunk_size):
 
 
 def _chunk(q, k, v, g, scale, s0, chunk_size):
-    """SPEC §2 form 3, chunkwise. Walks the chunks with a running state; within chunk n
+    """docs/method.md §2 form 3, chunkwise. Walks the chunks with a running state; within chunk n
     (local positions j = 1..C):
 
         O_[n] = scale * ((Q_[n] ⊙ gamma^j) S_[n-1] + ((Q_[n] K_[n]^T) ⊙ M_C) V_[n])
@@ -161,7 +161,7 @@ def _chunk(q, k, v, g, scale, s0, chunk_size):
 
 @torch.no_grad()
 def lightning_step(q, k, v, g_gamma, state, scale=None, impl="auto"):
-    """One decode step (SPEC §2 form 1) for a single new token; `state` is updated in place.
+    """One decode step (docs/method.md §2 form 1) for a single new token; `state` is updated in place.
 
     q, k: (B, H, K); v: (B, H, V); state: (B, H, K, V) fp32. Returns o (B, H, V) in q's dtype.
     `impl` takes the names of `lightning_attn`: for one token the recurrent, parallel and chunkwise

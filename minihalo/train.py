@@ -42,10 +42,10 @@ class TrainConfig:
     steps: int                       # optimizer steps in total (a resumed run continues up to this)
     lr: float = 1e-3                 # peak learning rate
     min_lr: float = 1e-5             # end of the cosine decay
-    warmup_steps: int = 50           # linear warm-up from 0 to lr (SPEC §4: 50)
+    warmup_steps: int = 50           # linear warm-up from 0 to lr (docs/method.md §4: 50)
     schedule: str = "cosine"         # "cosine" or "constant" (HALO step 4 uses a constant LR)
-    betas: tuple = (0.9, 0.95)       # AdamW betas (SPEC §4)
-    weight_decay: float = 0.0        # SPEC §4: none
+    betas: tuple = (0.9, 0.95)       # AdamW betas (docs/method.md §4)
+    weight_decay: float = 0.0        # docs/method.md §4: none
     grad_clip: float = 1.0           # max global grad norm; 0 disables
     grad_accum: int = 1              # micro-batches per optimizer step
     bf16: bool = True                # bf16 autocast, on CUDA only (CPU runs stay fp32)

@@ -1,4 +1,4 @@
-"""Triton kernels (minihalo.kernels) against the PyTorch forms of SPEC §2, on CPU through Triton's
+"""Triton kernels (minihalo.kernels) against the PyTorch forms of docs/method.md §2, on CPU through Triton's
 interpreter (conftest.py sets TRITON_INTERPRET=1 before anything is imported).
 
 Tolerance: fp32 relative error ||a - b|| / ||b|| <= 1e-4. The interpreter computes in true fp32,

@@ -71,7 +71,7 @@ def test_conversion_with_every_change_off_is_the_teacher():
 
 
 def test_weight_transfer():
-    """SPEC §4 step 0: every copied tensor, the GQA→MHA order and the fresh parameters."""
+    """docs/method.md §4 step 0: every copied tensor, the GQA→MHA order and the fresh parameters."""
     teacher = mh.from_hf(tiny_hf("qwen3", tied=False))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = mh.to_hypenet(teacher, [1])
@@ -211,7 +211,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_cache_bytes_matches_the_paper():
-    """SPEC §5: Qwen3-1.7B KV 112 KiB/token; HypeNet-2B 28 KiB/token plus ~22 MB of RNN state."""
+    """docs/method.md §5: Qwen3-1.7B KV 112 KiB/token; HypeNet-2B 28 KiB/token plus ~22 MB of RNN state."""
     shape = dict(num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128)
     assert mh.HybridConfig(**shape).cache_bytes(1)["kv_bytes_per_token"] == 112 * 1024
     hype = mh.HybridConfig(**shape, layer_types=["attention" if i in (2, 3, 6, 8, 9, 21, 25) else "lightning"

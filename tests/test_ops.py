@@ -1,4 +1,4 @@
-"""Lightning attention: the recurrent (spec), parallel and chunkwise forms agree (SPEC §2)."""
+"""Lightning attention: the recurrent (spec), parallel and chunkwise forms agree (docs/method.md §2)."""
 import math
 import weakref
 
@@ -52,7 +52,7 @@ def test_three_forms_agree(dtype, T, H, D, with_state):
 
 
 def test_decay_check_values():
-    """SPEC §2: gamma for H = 16, and the non-power-of-two recipe."""
+    """docs/method.md §2: gamma for H = 16, and the non-power-of-two recipe."""
     expected = [0.4931, 0.6065, 0.7022, 0.7788, 0.8380, 0.8825, 0.9154, 0.9394,
                 0.9568, 0.9692, 0.9781, 0.9845, 0.9890, 0.9922, 0.9945, 0.9961]
     assert torch.allclose(lightning_decay(16).exp(), torch.tensor(expected), atol=5e-5)

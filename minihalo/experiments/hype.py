@@ -8,15 +8,15 @@ same data: the token-level needle-in-a-haystack language `minihalo.tasks.TokenNI
 length T, with a `copy_share` of rows replaced by copy rows (`minihalo.tasks.copy_rows`). Retrieval is
 learned in a sudden jump after a plateau; the copy rows shorten the plateau, and the GPU preset trains long
 enough (3000 steps) for HyPE to pass it. Only the CPU preset is short enough to run in a notebook on CPU,
-and it stops before any model learns retrieval. Position-encoding variants (SPEC §3.3):
+and it stops before any model learns retrieval. Position-encoding variants (docs/method.md §3.3):
 
     hype              attention NoPE,  Lightning RoPE   (HyPE, evaluated without and with s_t)
     all_rope          attention RoPE,  Lightning RoPE   (a Transformer's habit carried into the hybrid)
     all_nope          attention NoPE,  Lightning NoPE
     attn_rope_rnn_nope attention RoPE, Lightning NoPE   (the opposite of HyPE)
 
-HyPE's query scale s_t = log_a(t + a) is used at inference only (SPEC §3.2): `a` is picked on a grid by
-the loss on held-out sequences of 16 T tokens (SPEC §4 step 5). At toy scale nearly all of a long
+HyPE's query scale s_t = log_a(t + a) is used at inference only (docs/method.md §3.2): `a` is picked on a grid by
+the loss on held-out sequences of 16 T tokens (docs/method.md §4 step 5). At toy scale nearly all of a long
 sequence's loss comes from haystack tokens that need no attention, so the loss that picks `a` is
 measured on the answer tokens, the ones that need retrieval (a different seed from the NIAH test).
 
