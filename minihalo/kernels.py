@@ -80,7 +80,7 @@ def _lightning_scan_kernel(
     i_b = i_bh // H
     i_h = i_bh % H
 
-    offs_c = tl.arange(0, CHUNK)              # local position in the chunk; SPEC's j is offs_c + 1
+    offs_c = tl.arange(0, CHUNK)              # local position in the chunk; the method's j is offs_c + 1
     offs_k = tl.arange(0, BK)                 # key dim (the state's rows)
     offs_v = i_v * BV + tl.arange(0, BV)      # this program's value columns
     mask_k = offs_k < DK
