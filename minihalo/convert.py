@@ -90,9 +90,9 @@ def _checkpoint_folder(name):
     try:
         return snapshot_download(name, allow_patterns=["config.json", "*.safetensors"])
     except Exception as e:  # offline, no network, unknown or gated repository: the hub's reason follows
-        raise ValueError(f"{name!r} is neither a local folder nor reachable as a Hugging Face hub id "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass a checkpoint "
-                         "folder, or download the model while online (with HF_HUB_OFFLINE unset)") from e
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{name!r} is neither a local folder nor reachable as a Hugging Face hub id ({reason}); "
+                         "pass a checkpoint folder, or download the model while online (HF_HUB_OFFLINE unset)") from e
 
 
 def from_hf(model_or_path, dtype=None) -> HybridLM:

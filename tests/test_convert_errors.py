@@ -1,8 +1,11 @@
 """from_hf given a name: a local path that does not exist and a Hugging Face hub id that cannot be reached
 (offline) each get a ValueError saying what was given and what to do; a hub id that resolves is read from
 the folder huggingface_hub returns."""
+import huggingface_hub
 import huggingface_hub.constants
 import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import minihalo
 
@@ -30,9 +33,6 @@ def test_unreachable_hub_id_is_neither_a_folder_nor_reachable(monkeypatch, tmp_p
 
 def test_hub_id_loads_the_folder_the_hub_returns(monkeypatch, tmp_path):
     """The hub path asks huggingface_hub for the id's config and safetensors only, then reads that folder."""
-    import huggingface_hub
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(0)
     hf = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
