@@ -21,6 +21,7 @@ test: .venv/.test   ## every test and notebook (CPU, offline)
 .venv/.demo: requirements.txt pyproject.toml .ci/constraints.txt
 	python3 -m venv .venv
 	@if [ -n "$(TORCH_CPU_INDEX)" ] && [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null && \
+	    $$(command -v timeout >/dev/null && echo timeout 10) \
 	    python3 -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" 2>/dev/null; \
 	then echo "no NVIDIA GPU: installing torch from $(TORCH_CPU_INDEX)"; \
 	     $(PIP) --index-url $(TORCH_CPU_INDEX) torch; fi
