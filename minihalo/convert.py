@@ -54,6 +54,7 @@ def _hf_key(key):
 
 
 def _read_checkpoint_folder(path):
+    """(transformers config, state dict) of a checkpoint folder with config.json and *.safetensors."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -71,15 +72,41 @@ def _read_checkpoint_folder(path):
     return AutoConfig.from_pretrained(path), state
 
 
+def _checkpoint_folder(name):
+    """A local checkpoint folder for `name`: the folder itself, or a Hugging Face hub id's config.json and
+    *.safetensors, downloaded (or found in the hub's cache) with huggingface_hub."""
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise ValueError(f"{name!r} is a file; expected a transformers checkpoint folder (config.json + "
+                         "*.safetensors) or a Hugging Face hub id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(name)
+    except ValueError:  # not a hub id either: a local path that is not there
+        raise ValueError(f"{name!r} does not exist; expected a transformers checkpoint folder (config.json + "
+                         "*.safetensors) or a Hugging Face hub id such as 'Qwen/Qwen3-1.7B'") from None
+    try:
+        return snapshot_download(name, allow_patterns=["config.json", "*.safetensors"])
+    except Exception as e:  # offline, no network, unknown or gated repository: the hub's reason follows
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{name!r} is neither a local folder nor reachable as a Hugging Face hub id ({reason}); "
+                         "pass a checkpoint folder, or download the model while online (HF_HUB_OFFLINE unset)") from e
+
+
 def from_hf(model_or_path, dtype=None) -> HybridLM:
-    """A transformers Qwen3ForCausalLM / LlamaForCausalLM (object or checkpoint folder with
-    config.json + safetensors) as a minihalo Transformer with the same logits (docs/method.md §1)."""
+    """A transformers Qwen3ForCausalLM / LlamaForCausalLM as a minihalo Transformer with the same logits
+    (docs/method.md §1). Takes the model object, a checkpoint folder (config.json + *.safetensors), or a
+    Hugging Face hub id such as "Qwen/Qwen3-1.7B" (its config and safetensors are downloaded when online,
+    or read from the hub's cache)."""
     if isinstance(model_or_path, (str, os.PathLike)):
-        hf_cfg, state = _read_checkpoint_folder(os.fspath(model_or_path))
+        hf_cfg, state = _read_checkpoint_folder(_checkpoint_folder(os.fspath(model_or_path)))
     elif isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
         hf_cfg, state = model_or_path.config, model_or_path.state_dict()
     else:
-        raise ValueError(f"from_hf takes a transformers model or a checkpoint folder; got {type(model_or_path).__name__}")
+        raise ValueError("from_hf takes a transformers model, a checkpoint folder or a hub id; "
+                         f"got {type(model_or_path).__name__}")
     cfg = config_from_hf(hf_cfg)
     state = {_hf_key(k): v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:
