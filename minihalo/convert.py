@@ -6,6 +6,7 @@ Shapes: d model width, H query heads, G key/value heads, D head dim.
 """
 import glob
 import json
+import numbers
 import os
 from dataclasses import replace
 
@@ -119,10 +120,19 @@ def load_tokenizer(path):
 
 
 def _check_layers(attn_layers, num_layers):
+    """The set of layer indices in `attn_layers` (a list of ints in [0, num_layers)), or a ValueError."""
+    if isinstance(attn_layers, (str, bytes)) or not hasattr(attn_layers, "__iter__"):
+        raise ValueError(f"attn_layers must be a list of layer indices, e.g. [2, 5]; got {attn_layers!r} "
+                         f"({type(attn_layers).__name__})")
     layers = list(attn_layers)
     for i in layers:
-        if not isinstance(i, int) or not 0 <= i < num_layers:
-            raise ValueError(f"attention layer index {i!r} is out of range for a {num_layers}-layer model")
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):  # numpy ints are fine
+            raise ValueError(f"attn_layers must hold integer layer indices; got {i!r} ({type(i).__name__}) "
+                             f"in {layers!r}")
+        if not 0 <= i < num_layers:
+            raise ValueError(f"attention layer index {i!r} is out of range for a {num_layers}-layer model "
+                             f"(valid: 0 to {num_layers - 1})")
+    layers = [int(i) for i in layers]
     if len(set(layers)) != len(layers):
         raise ValueError(f"attention layer indices repeat: {layers}")
     return set(layers)
