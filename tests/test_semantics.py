@@ -152,8 +152,8 @@ def test_teacher_attention_layer(scenario):
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_hype_attention_layer(scenario):
-    """docs/method.md §3.2: NoPE, s_t = ln(t + a) / ln(a) at each token's 0-based position (padding and
-    the cache offset included), a sigmoid output gate."""
+    """docs/method.md §3.2: NoPE, s_t = ln(t + a) / ln(a) at each token's 0-based position t (counting the
+    row's real tokens only, and continuing across cached calls), a sigmoid output gate."""
     model = random_model(["lightning", "attention", "lightning"], attn_rope=False, attn_output_gate=True,
                          attn_scale_a=A)
     check(model, 1, scenario, hype_attention)
