@@ -25,19 +25,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minihalo.ops import lightning_attn, lightning_decay, lightning_step
+from minihalo.ops import lightning_attn, lightning_decay, lightning_step, rel_err
 
 KB = 1024
 B_MAIN, H, D = 4, 16, 128
 T_MAIN = [1 * KB, 2 * KB, 4 * KB, 8 * KB, 16 * KB, 32 * KB, 64 * KB]
 T_LONG = [128 * KB, 256 * KB]
 T_MILLION = 1024 * KB
-
-
-def rel_err(a, b):
-    """||a - b|| / ||b|| in fp64 (the relative RMS error)."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def bench(fn, warmup=50, rep=200):

