@@ -6,8 +6,8 @@ vocabulary 151936, tied embeddings), random weights, bf16, batch 1:
   - "hf": transformers' Qwen3ForCausalLM with the same weights (SDPA attention), the external baseline;
   - "hypenet": the HypeNet-2B shape, `to_hypenet(transformer, [2, 3, 6, 8, 9, 21, 25])` (7 attention layers).
 At each context length (4K ... 512K, 1M for the HypeNet) it times
-  - prefill: the prompt into a cache, last-position logits only (minihalo: static cache, chunks of 64K
-    tokens; transformers: one pass into its DynamicCache);
+  - prefill: the prompt into a cache, last-position logits only (minihalo: its static cache, one pass or
+    --prefill-chunk tokens at a time; transformers: one pass into its DynamicCache);
   - decode: time per token of the one-token step replayed as a CUDA graph (minihalo: `CUDAGraphStep`;
     transformers: its StaticCache sized for the run, the step captured by hand with static input,
     position and mask buffers: what its torch.compile "reduce-overhead" mode would replay), and the
@@ -30,7 +30,7 @@ import time
 import torch
 
 import minihalo as mh
-from minihalo.model import CUDAGraphStep
+from minihalo.model import KV_BLOCK, CUDAGraphStep
 from minihalo.ops import rel_err
 
 KB = 1024
@@ -40,7 +40,6 @@ QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, n
 HYPENET_ATTN_LAYERS = [2, 3, 6, 8, 9, 21, 25]
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16)
-PREFILL_CHUNK = 64 * KB
 N_DECODE = 32  # timed steps
 EXTRA = 64  # cache room beyond the prompt: eager steps, warm-up, capture, timed steps
 NAMES = ("hypenet", "transformer", "hf")
@@ -126,7 +125,9 @@ def run_checks(models, vocab, device, T_check, T_gen):
             b = model.generate(prompt, max_new_tokens=48, cuda_graph=False)[0, T_gen:]
             out[f"{name}_graph_tokens_equal_eager"] = bool(torch.equal(a, b))
             out[f"{name}_graph_eager_same_leading_tokens"] = int((a == b).cumprod(0).sum())
-    tol = 5e-2  # bf16 logits through 28 layers of different operation orders
+    # bf16 logits of a random 28-layer model computed in two orders differ by a few % (transformers vs minihalo
+    # on the same weights shows the scale); a wrong position, mask or cache entry gives O(1)
+    tol = 0.1
     out["passed"] = bool(all(v <= tol for k, v in out.items() if isinstance(v, float))
                          and all(v for k, v in out.items() if isinstance(v, bool)))
     out["tolerance"] = tol
@@ -186,7 +187,7 @@ def sdpa_host_times(device):
 def decode_attention_blocks(ceilings):
     """decode_attention for one layer of the Transformer at 128K tokens (G = 8 kv heads, H = 16), CUDA-graph
     replays, per key-block size, beside SDPA's flash kernel on exactly the filled keys (no mask: what a
-    dynamic cache's step runs). Sets model.KV_BLOCK to the fastest block for the rest of the run."""
+    dynamic cache's step runs)."""
     from minihalo import model as model_module
     from minihalo.bench import bench_graph
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -197,6 +198,7 @@ def decode_attention_blocks(ceilings):
     kv_bytes = 2 * k.numel() * k.element_size()
     res = {"S": S, "kv_bytes": kv_bytes, "floor_ms": kv_bytes / (ceilings["copy_bandwidth_GBps"] * 1e9) * 1e3}
     ref = model_module.decode_attention(q, k, v, mask)
+    default = model_module.KV_BLOCK
     for blk in (256, 1024, 4096):
         model_module.KV_BLOCK = blk
         out = model_module.decode_attention(q, k, v, mask)
@@ -207,8 +209,7 @@ def decode_attention_blocks(ceilings):
         res["sdpa_flash_exact_ms"] = bench_graph(
             lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
     res["flash_vs_ours_rel_err"] = rel_err(ref, flash)
-    best = min((256, 1024, 4096), key=lambda b: res[f"block_{b}_ms"])
-    model_module.KV_BLOCK = res["chosen_block"] = best
+    model_module.KV_BLOCK = res["block_used"] = default
     # the cost of one tiny kernel inside a graph (an RMSNorm-sized elementwise op): decoding runs ~1000 of them
     x = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
 
@@ -251,12 +252,12 @@ def _run_steps(step, logits, n):
 
 
 @torch.no_grad()
-def measure_minihalo(model, ids, reps, graphs):
+def measure_minihalo(model, ids, reps, graphs, chunk):
     C = ids.shape[1]
     times = []
     for r in range(reps):
         cache = model.new_cache(1, C + EXTRA)
-        t, logits = timed(lambda: model.prefill(ids, cache=cache, chunk_size=PREFILL_CHUNK))
+        t, logits = timed(lambda: model.prefill(ids, cache=cache, chunk_size=chunk))
         times.append(t)
         if r < reps - 1:
             del cache
@@ -277,7 +278,7 @@ def measure_minihalo(model, ids, reps, graphs):
 
 
 @torch.no_grad()
-def measure_hf(hf, ids, reps, graphs):
+def measure_hf(hf, ids, reps, graphs, chunk=None):
     times = []
     for _ in range(reps):
         t, out = timed(lambda: hf(ids, use_cache=True, logits_to_keep=1))
@@ -366,6 +367,8 @@ def main(argv=None):
     p.add_argument("--time-limit", type=float, default=470.0,
                    help="seconds: a measurement predicted to end later is skipped (the largest come last)")
     p.add_argument("--contexts", default=None, help="comma-separated context lengths (default 4K ... 1M)")
+    p.add_argument("--prefill-chunk", type=int, default=0, help="minihalo prefill chunk in tokens (0 = one pass)")
+    p.add_argument("--models", default=",".join(NAMES), help=f"comma-separated subset of {NAMES}")
     p.add_argument("--smoke", action="store_true", help="a tiny model and short contexts: checks the flow (CPU too)")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -375,14 +378,13 @@ def main(argv=None):
     shape, attn_layers = (TINY, [1]) if args.smoke else (QWEN3_1_7B, HYPENET_ATTN_LAYERS)
     contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else \
         ([256, 1024] if args.smoke else CONTEXTS)
-    global PREFILL_CHUNK
-    if args.smoke:
-        PREFILL_CHUNK = 384
+    chunk = (384 if args.smoke else None) if args.prefill_chunk == 0 else args.prefill_chunk
+    names = [n for n in NAMES if n in args.models.split(",")]
 
     import transformers
     results = {"device": torch.cuda.get_device_name() if graphs else "cpu", "torch": torch.__version__,
                "transformers": transformers.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": 1,
-               "shape": shape, "hypenet_attention_layers": attn_layers, "prefill_chunk": PREFILL_CHUNK,
+               "shape": shape, "hypenet_attention_layers": attn_layers, "prefill_chunk": chunk, "kv_block": KV_BLOCK,
                "decode_steps_timed": N_DECODE, "rows": [], "skipped": []}
     if graphs:
         import triton
@@ -419,7 +421,7 @@ def main(argv=None):
     g = torch.Generator(device=device).manual_seed(2)
     for C in contexts:
         ids = torch.randint(0, shape["vocab_size"], (1, C), device=device, generator=g)
-        for name in NAMES:
+        for name in names:
             if C > 512 * KB and name != "hypenet":
                 results["skipped"].append({"context": C, "model": name, "why": "the KV cache alone would be "
                                            f"{models['transformer'].config.cache_bytes(C)['total_bytes'] / 1e9:.0f} GB"})
@@ -439,7 +441,7 @@ def main(argv=None):
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             try:
-                row = (measure_hf if name == "hf" else measure_minihalo)(model, ids, reps, graphs)
+                row = (measure_hf if name == "hf" else measure_minihalo)(model, ids, reps, graphs, chunk)
             except Exception as e:  # noqa: BLE001 - out of memory, or a failure: recorded, the run goes on
                 results["skipped"].append({"context": C, "model": name, "why": f"{type(e).__name__}: {str(e)[:200]}"})
                 print(f"{name} at {C}: {type(e).__name__}: {str(e)[:200]}")

@@ -10,6 +10,7 @@ only swaps mixers and copies weights.
 Shapes: B batch, T time (tokens in this call), S cached + new tokens, d model width,
 H query heads, G key/value heads (GQA), D head dim, V vocabulary.
 """
+import contextlib
 import json
 import math
 import os
@@ -25,11 +26,13 @@ from torch.nn.attention.bias import causal_lower_right
 from minihalo.ops import IMPLS, lightning_attn, lightning_decay, lightning_step
 
 MIXERS = ("attention", "lightning")
-# Softmax-attention kernels for calls of several tokens, fastest first. cuDNN is left out: it builds an
-# execution plan for every new key length, milliseconds of host time per call when the cache grows by one
-# token a step (measured by minihalo.bench_e2e). One-token steps do not use SDPA (see decode_attention).
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-KV_BLOCK = 256  # a static cache's K/V length is a multiple of this: decode_attention splits the keys into blocks
+# SDPA kernels for a one-token query (a decoding step of the dynamic cache). cuDNN is left out: it builds an
+# execution plan for every new key length, ~50 ms of host time per call when the cache grows by a token each
+# step (measured on an H200 by minihalo.bench_e2e). For longer queries PyTorch's own choice stands: cuDNN
+# is there the fastest kernel (2x flash at 8K tokens, same measurement). Steps on a static cache do not
+# use SDPA at all (decode_attention).
+ONE_TOKEN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+KV_BLOCK = 1024  # a static cache's K/V length is a multiple of this: decode_attention splits the keys into blocks
 
 
 @dataclass
@@ -176,7 +179,7 @@ class Attention(nn.Module):
         if isinstance(ctx.cache_pos, torch.Tensor):  # a one-token step over a whole static buffer
             o = decode_attention(q, k, v, ctx.attn_mask)  # (B, H, 1, D)
         else:  # GQA inside the kernel (enable_gqa): query head h reads kv head h // (H/G), no copy of K/V
-            with sdpa_kernel(SDPA_BACKENDS):
+            with sdpa_kernel(ONE_TOKEN_BACKENDS) if T == 1 else contextlib.nullcontext():
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask,
                                                    is_causal=ctx.attn_mask is None and T > 1, enable_gqa=True)
         o = o.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)

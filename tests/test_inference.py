@@ -132,7 +132,7 @@ def test_generate_left_padded_equals_each_prompt_alone():
         assert torch.equal(batch[i, T:], ref[0, n:]), i
 
 
-@pytest.mark.parametrize("H, G, S", [(6, 2, 256), (4, 4, 512), (5, 1, 256)])
+@pytest.mark.parametrize("H, G, S", [(6, 2, KV_BLOCK), (4, 4, 2 * KV_BLOCK), (5, 1, 3 * KV_BLOCK)])
 def test_decode_attention_equals_from_scratch_softmax(H, G, S):
     """Query head h reads kv head h // (H/G) (repeat_interleave order, as transformers), masked keys get no weight."""
     g = torch.Generator().manual_seed(H * S)
