@@ -2,16 +2,17 @@
 
 Three models of the Qwen3-1.7B shape (28 layers, d = 2048, 16 heads / 8 KV heads, head dim 128,
 vocabulary 151936, tied embeddings), random weights, bf16, batch 1:
-  - "transformer": the minihalo Transformer (every layer softmax attention + RoPE), loaded from
-  - "hf": transformers' Qwen3ForCausalLM with the same weights (SDPA attention), the external baseline;
+  - "hf": transformers' Qwen3ForCausalLM (SDPA attention), the external baseline;
+  - "transformer": the minihalo Transformer with the same weights (`from_hf`);
   - "hypenet": the HypeNet-2B shape, `to_hypenet(transformer, [2, 3, 6, 8, 9, 21, 25])` (7 attention layers).
 At each context length (4K ... 512K, 1M for the HypeNet) it times
   - prefill: the prompt into a cache, last-position logits only (minihalo: its static cache, one pass or
     --prefill-chunk tokens at a time; transformers: one pass into its DynamicCache);
   - decode: time per token of the one-token step replayed as a CUDA graph (minihalo: `CUDAGraphStep`;
     transformers: its StaticCache sized for the run, the step captured by hand with static input,
-    position and mask buffers: what its torch.compile "reduce-overhead" mode would replay), and the
-    same step launched eagerly;
+    position and mask buffers, the CUDA graph its torch.compile "reduce-overhead" mode would build, without
+    the compiler's kernel fusion: compiling once per context length does not fit this run), and the same
+    step launched eagerly;
   - peak GPU memory of the run (its weights, cache and activations).
 Beside each measured ratio it puts the best ratio the shapes allow: prefill from matmul FLOPs, decode
 from the bytes a step must read (weights + KV cache + Lightning state read and written), and each time
@@ -24,7 +25,6 @@ prints a table last. `--smoke` runs the whole flow on a tiny model (on CPU too: 
 """
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -278,7 +278,7 @@ def measure_minihalo(model, ids, reps, graphs, chunk):
 
 
 @torch.no_grad()
-def measure_hf(hf, ids, reps, graphs, chunk=None):
+def measure_hf(hf, ids, reps, graphs, chunk=None):  # chunk: minihalo's option, unused here
     times = []
     for _ in range(reps):
         t, out = timed(lambda: hf(ids, use_cache=True, logits_to_keep=1))

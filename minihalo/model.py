@@ -7,6 +7,10 @@ chosen per layer by `config.layer_types`. A Qwen3 / Llama teacher is this class 
 layers, NoPE plus the query scale s_t in the attention layers). Conversion (minihalo.convert)
 only swaps mixers and copies weights.
 
+Inference: `forward(..., logits_to_keep=)` computes only the logits asked for; `Cache` holds K/V and RNN
+states (dynamic, or static buffers written in place); `prefill` feeds a prompt in chunks; `generate`
+decodes with a static cache and, on a GPU, a step replayed as a CUDA graph (`CUDAGraphStep`).
+
 Shapes: B batch, T time (tokens in this call), S cached + new tokens, d model width,
 H query heads, G key/value heads (GQA), D head dim, V vocabulary.
 """
@@ -213,7 +217,8 @@ def decode_attention(q, k, v, mask):
     """Softmax attention of one new token per row over a whole K/V buffer: q (B, H, 1, D); k, v (B, G, S, D);
     mask (B, 1, 1, S) bool, True = attend. Returns (B, H, 1, D).
 
-    Two batched matmuls that read each cached key and value once, the decoding floor. GQA without a copy:
+    Two batched matmuls that read each cached key and value once (plus a few passes over the small
+    (H, S) score matrix), as the decoding floor requires. GQA without a copy:
     the H/G query heads that share kv head g become H/G rows of one query matrix (a view). The second
     product sums over all S keys; split into blocks of KV_BLOCK keys, it runs as many small products in
     parallel, whose partial sums are then added (the split-K of flash-decoding). The unwritten tail of a
@@ -416,8 +421,8 @@ class CUDAGraphStep:
     """One decoding step of the whole model (a token per row in, the next logits out), captured once as a
     CUDA graph and replayed.
 
-    An eager step launches several hundred small kernels (28 layers of projections, norms, attention);
-    at batch 1 the host takes longer to issue them than the GPU takes to run them. A graph records the
+    An eager step launches about a thousand small kernels (28 layers of projections, norms, RoPE, gates,
+    attention); at batch 1 the host takes longer to issue them than the GPU takes to run them. A graph records the
     launches once and replays them with one call. That needs the same shapes and addresses at every
     step: the static cache gives both (its buffers never move; a step reads its write position from the
     device tensor `cache.index`). The first call runs the step eagerly (Triton compiles its kernels,
