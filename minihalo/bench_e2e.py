@@ -104,13 +104,13 @@ def run_checks(models, vocab, device, T_check, T_gen):
     g = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, vocab, (1, T_check + 100), device=device, generator=g)  # a partial last chunk
     hf, transformer = models["hf"], models["transformer"]
-    # (1) same weights, same logits (bf16 through 28 layers: ~1e-2)
+    # (1) same weights, same logits
     short = ids[:, :2048]
     out["transformer_vs_hf_logits"] = rel_err(transformer(short, logits_to_keep=16), hf(short, logits_to_keep=16).logits)
     for name in ("hypenet", "transformer"):
         model = models[name]
         one_pass = model(ids, logits_to_keep=1)[:, -1]
-        chunk = T_check // 4
+        chunk = T_check // 4  # (2) chunked prefill against one pass
         chunked = model.prefill(ids, cache=model.new_cache(1, ids.shape[1]), chunk_size=chunk)
         out[f"{name}_chunked_prefill_vs_one_pass"] = rel_err(chunked, one_pass)
         # (3) a decode step (decode_attention over the static buffer) against the full forward
@@ -141,10 +141,11 @@ def sdpa_host_times(device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     res = {}
     q = torch.randn(1, 16, 1, 128, device=device, dtype=torch.bfloat16)
-    kv = torch.randn(1, 16, 8 * KB + 64, 128, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(1, 16, 8 * KB + 256, 128, device=device, dtype=torch.bfloat16)
     backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
-    for name, be in backends.items():
+    for b, (name, be) in enumerate(backends.items()):
+        first = 8 * KB + 1 + 48 * b  # lengths no earlier backend has seen (plans are cached per shape)
         try:
             def call(S):
                 k = kv[:, :, :S]
@@ -156,12 +157,12 @@ def sdpa_host_times(device):
             sync()
             t0 = time.perf_counter()
             for i in range(32):
-                call(8 * KB + 1 + i)  # a new key length each call
+                call(first + i)  # a new key length each call
             t1 = time.perf_counter()
             sync()
             t2 = time.perf_counter()
             for i in range(32):
-                call(8 * KB + 1 + i)  # the same lengths again
+                call(first + i)  # the same lengths again
             t3 = time.perf_counter()
             sync()
             res[name] = {"host_ms_new_length": (t1 - t0) / 32 * 1e3, "host_ms_seen_length": (t3 - t2) / 32 * 1e3}
