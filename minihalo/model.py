@@ -7,9 +7,14 @@ chosen per layer by `config.layer_types`. A Qwen3 / Llama teacher is this class 
 layers, NoPE plus the query scale s_t in the attention layers). Conversion (minihalo.convert)
 only swaps mixers and copies weights.
 
+Inference: `forward(..., logits_to_keep=)` computes only the logits asked for; `Cache` holds K/V and RNN
+states (dynamic, or static buffers written in place); `prefill` feeds a prompt in chunks; `generate`
+decodes with a static cache and, on a GPU, a step replayed as a CUDA graph (`CUDAGraphStep`).
+
 Shapes: B batch, T time (tokens in this call), S cached + new tokens, d model width,
 H query heads, G key/value heads (GQA), D head dim, V vocabulary.
 """
+import contextlib
 import json
 import math
 import os
@@ -19,10 +24,19 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from minihalo.ops import IMPLS, lightning_attn, lightning_decay, lightning_step
 
 MIXERS = ("attention", "lightning")
+# SDPA kernels for a one-token query (a decoding step of the dynamic cache). cuDNN is left out: it builds an
+# execution plan for every new key length, ~50 ms of host time per call when the cache grows by a token each
+# step (measured on an H200 by minihalo.bench_e2e). For longer queries PyTorch's own choice stands: cuDNN
+# is there the fastest kernel (2x flash at 8K tokens, same measurement). Steps on a static cache do not
+# use SDPA at all (decode_attention).
+ONE_TOKEN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+KV_BLOCK = 1024  # a static cache's K/V length is a multiple of this: decode_attention splits the keys into blocks
 
 
 @dataclass
@@ -103,10 +117,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x):  # F.rms_norm normalizes in fp32 and returns x's dtype (one fused kernel on CUDA)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
@@ -171,20 +183,61 @@ class Attention(nn.Module):
             q = q * s.to(q.dtype)[:, :, None, None]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
         if cache is not None:
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], dim=2)  # (B, G, S, D)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-        k = k.repeat_interleave(H // G, dim=1)  # (B, H, S, D): query head h reads kv head h // (H/G)
-        v = v.repeat_interleave(H // G, dim=1)
-        if ctx.attn_mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, H, T, D)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask)
+            k, v = store_kv(cache, k, v, ctx.cache_pos)  # (B, G, S, D): every key this call attends to
+        if isinstance(ctx.cache_pos, torch.Tensor):  # a one-token step over a whole static buffer
+            o = decode_attention(q, k, v, ctx.attn_mask)  # (B, H, 1, D)
+        else:  # GQA inside the kernel (enable_gqa): query head h reads kv head h // (H/G), no copy of K/V
+            with sdpa_kernel(ONE_TOKEN_BACKENDS) if T == 1 else contextlib.nullcontext():
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask,
+                                                   is_causal=ctx.attn_mask is None and T > 1, enable_gqa=True)
         o = o.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         if cfg.attn_output_gate:
             o = o * torch.sigmoid(self.g_proj(x))
         return self.o_proj(o)
+
+
+def store_kv(cache, k, v, cache_pos):
+    """Add this call's keys/values (B, G, T, D) to one attention layer's cache (a dict); return the keys
+    and values to attend to, (B, G, S, D). `cache_pos` says how (see Context): None appends by torch.cat;
+    an int p writes the static buffers at [p, p+T) in place and returns [0, p+T); a (1,) device tensor
+    writes the one token at that index and returns the whole buffers (the step of a CUDA graph)."""
+    if cache_pos is None:
+        if "k" in cache:
+            k = torch.cat([cache["k"], k], dim=2)  # (B, G, S, D)
+            v = torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k, v
+        return k, v
+    if isinstance(cache_pos, int):
+        end = cache_pos + k.shape[2]
+        cache["k"][:, :, cache_pos:end] = k
+        cache["v"][:, :, cache_pos:end] = v
+        return cache["k"][:, :, :end], cache["v"][:, :, :end]
+    cache["k"].index_copy_(2, cache_pos, k)
+    cache["v"].index_copy_(2, cache_pos, v)
+    return cache["k"], cache["v"]
+
+
+def decode_attention(q, k, v, mask):
+    """Softmax attention of one new token per row over a whole K/V buffer: q (B, H, 1, D); k, v (B, G, S, D);
+    mask (B, 1, 1, S) bool, True = attend. Returns (B, H, 1, D).
+
+    Two batched matmuls that read each cached key and value once (plus a few passes over the small
+    (H, S) score matrix), as the decoding floor requires. GQA without a copy:
+    the H/G query heads that share kv head g become H/G rows of one query matrix (a view). The second
+    product sums over all S keys; split into blocks of KV_BLOCK keys, it runs as many small products in
+    parallel, whose partial sums are then added (the split-K of flash-decoding). The unwritten tail of a
+    static buffer is masked out; it holds zeros, so 0 * V stays 0.
+    """
+    B, H, _, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    qg = q.reshape(B, G, H // G, D)  # (B, G, H/G, D): row j of group g is query head g*(H/G) + j
+    acc = torch.promote_types(v.dtype, torch.float32)  # softmax and sums in fp32 (fp64 for fp64 inputs)
+    scores = (qg @ k.transpose(-1, -2)).to(acc) * D ** -0.5  # (B, G, H/G, S)
+    p = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)  # mask broadcasts over G, H/G
+    n = S // KV_BLOCK
+    p = p.view(B, G, H // G, n, KV_BLOCK).transpose(2, 3)  # (B, G, n, H/G, KV_BLOCK)
+    o = (p @ v.view(B, G, n, KV_BLOCK, D)).to(acc).sum(2)  # (B, G, n, H/G, D) partial sums -> (B, G, H/G, D)
+    return o.to(v.dtype).view(B, H, 1, D)
 
 
 class Lightning(nn.Module):
@@ -242,10 +295,12 @@ class Lightning(nn.Module):
         if state is not None and T == 1:  # decode: the recurrent form, state updated in place
             o = lightning_step(q[:, 0], k[:, 0], v[:, 0], self.g_gamma, state, impl=cfg.lin_impl)[:, None]
         else:  # training / prefill: the chunked form
-            o, state = lightning_attn(q, k, v, self.g_gamma, initial_state=state, output_final_state=True,
-                                      chunk_size=cfg.lin_chunk_size, impl=cfg.lin_impl)
-        if cache is not None:
-            cache["state"] = state  # (B, H, D, D) fp32
+            o, new_state = lightning_attn(q, k, v, self.g_gamma, initial_state=state, output_final_state=True,
+                                          chunk_size=cfg.lin_chunk_size, impl=cfg.lin_impl)
+            if state is not None:
+                state.copy_(new_state)  # in place: a captured decoding step keeps reading this tensor
+            elif cache is not None:
+                cache["state"] = new_state  # (B, H, D, D) fp32
         o = o.reshape(B, T, H * D)  # (B, T, H*D)
         if cfg.lin_output_norm:
             o = self.o_norm(o)
@@ -274,7 +329,12 @@ class Context:
     positions: torch.Tensor  # (B, T) 0-based token positions, padding excluded
     rope: Optional[tuple]  # cos, sin (B, T, 1, D), or None when no layer uses RoPE
     token_mask: Optional[torch.Tensor]  # (B, T) 1 = real token, 0 = padding; None = no padding
-    attn_mask: Optional[torch.Tensor]  # (B, 1, T, S) bool, True = may attend; None = plain causal
+    # (B, 1, T, S) bool, True = may attend; a CausalBias (causal with the queries at the end of the keys);
+    # or None = plain causal over this call's tokens
+    attn_mask: Optional[object]
+    # Where this call's K/V go in a cache (see store_kv): None = appended (dynamic cache), an int =
+    # written from that index on (static cache), a (1,) device tensor = the index of a one-token step
+    cache_pos: Optional[object] = None
 
     @classmethod
     def causal(cls, cfg, batch_size, seq_len, device=None, dtype=torch.float32):
@@ -283,14 +343,127 @@ class Context:
         return cls(positions, rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype), None, None)
 
 
+def padded_causal_mask(mask, past, T):
+    """(B, 1, T, S) bool: query i (absolute index past + i) may attend key j <= it that is a real token
+    (mask (B, S), 1 = real); a padding query sees itself, so no softmax row is empty."""
+    i = torch.arange(T, device=mask.device)[:, None] + past  # absolute index of each query
+    j = torch.arange(mask.shape[1], device=mask.device)[None, :]
+    allowed = (j <= i)[None] & mask.bool()[:, None, :]  # (B, T, S)
+    allowed |= (j == i)[None]
+    return allowed[:, None]
+
+
 class Cache:
-    """Decoding cache: K/V (B, G, S, D) for attention layers, an fp32 state (B, H, D, D) for
-    Lightning layers, plus the padding mask of every token seen and each row's next position."""
+    """Decoding cache. `layers[i]` holds K and V (B, G, S, D) for an attention layer, an fp32 state
+    (B, H, D, D) for a Lightning layer (updated in place); `mask` (B, S) marks every token seen
+    (1 = real, 0 = padding), `next_pos` (B,) each row's next position, `length` = S.
+
+    Two forms (make either with HybridLM.new_cache):
+    - dynamic (`Cache(num_layers)`): K/V grow by torch.cat each call. The simplest form.
+    - static (`Cache.static`, what `generate` uses): K/V and mask are buffers sized for the whole run,
+      written in place. A one-token step attends over the whole buffer, the unwritten tail masked out,
+      and reads its write position from the device tensor `index`: every step has the same shapes
+      and addresses, so it can be captured once as a CUDA graph and replayed (CUDAGraphStep).
+    """
 
     def __init__(self, num_layers):
         self.layers = [dict() for _ in range(num_layers)]
-        self.mask = None  # (B, S) 1 = real token
+        self.mask = None  # (B, S) 1 = real token; static: (B, capacity)
         self.next_pos = None  # (B,)
+        self.length = 0  # S, tokens held
+        self.padded = False  # whether any call had padding (then attention needs an explicit mask)
+        self.capacity = None  # static only: tokens the buffers hold
+        self.index = None  # static only: `length` as a (1,) device tensor, advanced by a captured step too
+
+    @classmethod
+    def static(cls, cfg, batch_size, max_len, device=None, dtype=torch.float32):
+        """Buffers for `max_len` tokens (rounded up to a multiple of KV_BLOCK), all zeros."""
+        cache = cls(cfg.num_layers)
+        cap = -(-max_len // KV_BLOCK) * KV_BLOCK
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for layer, kind in zip(cache.layers, cfg.layer_types):
+            if kind == "attention":
+                layer["k"] = torch.zeros(batch_size, cfg.num_kv_heads, cap, cfg.head_dim, dtype=dtype, device=device)
+                layer["v"] = torch.zeros_like(layer["k"])  # (B, G, capacity, D)
+            else:
+                layer["state"] = torch.zeros(batch_size, cfg.num_heads, cfg.head_dim, cfg.head_dim,
+                                             dtype=state_dtype, device=device)  # (B, H, D, D)
+        cache.mask = torch.zeros(batch_size, cap, dtype=torch.long, device=device)
+        cache.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        cache.capacity, cache.index = cap, torch.zeros(1, dtype=torch.long, device=device)
+        return cache
+
+    def add_tokens(self, new_mask, has_padding):
+        """Record a call's T tokens (new_mask (B, T), 1 = real); return the attention mask of Context and
+        `cache_pos` for them. One-token steps on a static cache touch device tensors only (no host sync)."""
+        T = new_mask.shape[1]
+        if self.capacity is not None and self.length + T > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} tokens; {self.length} are in it and {T} more came. "
+                             f"Make it with a larger max_len (HybridLM.new_cache(batch_size, max_len))")
+        past = self.length
+        self.length += T
+        self.padded |= has_padding
+        if self.capacity is None:  # dynamic
+            offset = torch.zeros_like(new_mask[:, 0]) if self.next_pos is None else self.next_pos
+            self.mask = new_mask if past == 0 else torch.cat([self.mask, new_mask], dim=1)  # (B, S)
+            self.next_pos = offset + new_mask.sum(-1)
+            if self.padded:
+                return padded_causal_mask(self.mask, past, T), None
+            return (None if past == 0 or T == 1 else causal_lower_right(T, past + T)), None
+        self.next_pos.add_(new_mask.sum(-1))
+        if T == 1:  # a step: write at the device index, attend over the whole buffer
+            pos = self.index.clone()
+            self.index.add_(1)
+            self.mask.index_copy_(1, pos, new_mask)
+            allowed = self.mask.bool().index_fill_(1, pos, True)  # (B, capacity); a padding query sees itself
+            return allowed[:, None, None, :], pos
+        self.index.fill_(past + T)
+        self.mask[:, past:past + T] = new_mask
+        if self.padded:
+            return padded_causal_mask(self.mask[:, :past + T], past, T), past
+        return (None if past == 0 else causal_lower_right(T, past + T)), past
+
+
+class CUDAGraphStep:
+    """One decoding step of the whole model (a token per row in, the next logits out), captured once as a
+    CUDA graph and replayed.
+
+    An eager step launches about a thousand small kernels (28 layers of projections, norms, RoPE, gates,
+    attention); at batch 1 the host takes longer to issue them than the GPU takes to run them. A graph records the
+    launches once and replays them with one call. That needs the same shapes and addresses at every
+    step: the static cache gives both (its buffers never move; a step reads its write position from the
+    device tensor `cache.index`). The first call runs the step eagerly (Triton compiles its kernels,
+    cuBLAS picks its own: neither may happen during capture), then captures.
+    """
+
+    def __init__(self, model, cache):
+        if cache.capacity is None:
+            raise ValueError("CUDAGraphStep needs a static cache: make it with model.new_cache(batch_size, max_len)")
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(cache.mask.shape[0], 1, dtype=torch.long, device=cache.mask.device)  # (B, 1)
+        self.graph = self.logits = None
+
+    @torch.no_grad()
+    def __call__(self, tokens):
+        """tokens (B,) -> logits (B, V) of the next position. The tensor is overwritten by the next call."""
+        if self.cache.length >= self.cache.capacity:
+            raise ValueError(f"the cache is full ({self.cache.capacity} tokens); make it with a larger max_len")
+        self.tokens.copy_(tokens[:, None])
+        if self.graph is not None:
+            self.graph.replay()
+            self.cache.length += 1  # the host's count; the graph advanced cache.index itself
+            return self.logits
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # the warm-up is a real step
+            logits = self.model(self.tokens, cache=self.cache, logits_to_keep=1)[:, -1]  # (B, V)
+        torch.cuda.current_stream().wait_stream(side)
+        length = self.cache.length
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the next step's kernels without running them
+            self.logits = self.model(self.tokens, cache=self.cache, logits_to_keep=1)[:, -1]
+        self.cache.length = length
+        return logits
 
 
 class HybridLM(nn.Module):
@@ -313,9 +486,12 @@ class HybridLM(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, input_ids, attention_mask=None, cache: Optional[Cache] = None):
-        """input_ids (B, T) -> logits (B, T, V). `attention_mask` (B, T): 1 = token, 0 = padding
-        (left padding for generation). With a `cache`, the tokens continue what it holds."""
+    def forward(self, input_ids, attention_mask=None, cache: Optional[Cache] = None, logits_to_keep=0):
+        """input_ids (B, T) -> logits (B, T', V). `attention_mask` (B, T): 1 = token, 0 = padding
+        (left padding for generation). With a `cache`, the tokens continue what it holds.
+        `logits_to_keep` (transformers' name): an int N = the last N positions (0 = all), or a slice or
+        index tensor over T. Only those positions go through the final norm and lm_head: at T = 32K the
+        full logits of a 152K vocabulary would take 10 GB in bf16."""
         cfg = self.config
         B, T = input_ids.shape
         dev = input_ids.device
@@ -323,29 +499,25 @@ class HybridLM(nn.Module):
         has_padding = attention_mask is not None and not bool(new_mask.all())
         offset = torch.zeros(B, dtype=torch.long, device=dev) if cache is None or cache.next_pos is None else cache.next_pos
         positions = (offset[:, None] + new_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        past = 0 if cache is None or cache.mask is None else cache.mask.shape[1]
-        full_mask = new_mask if past == 0 else torch.cat([cache.mask, new_mask], dim=1)  # (B, S)
-        if cache is not None:
-            cache.mask, cache.next_pos = full_mask, offset + new_mask.sum(-1)
-        padded = has_padding or (past > 0 and not bool(full_mask.all()))
-        attn_mask = None
-        if padded or (past > 0 and T > 1):
-            i = torch.arange(T, device=dev)[:, None] + past  # absolute index of each query
-            j = torch.arange(past + T, device=dev)[None, :]
-            allowed = (j <= i)[None] & full_mask.bool()[:, None, :]  # (B, T, S)
-            allowed |= (j == i)[None]  # a padding query sees itself: no empty softmax rows
-            attn_mask = allowed[:, None]  # (B, 1, T, S)
+        if cache is None:
+            attn_mask, cache_pos = (padded_causal_mask(new_mask, 0, T) if has_padding else None), None
+        else:
+            attn_mask, cache_pos = cache.add_tokens(new_mask, has_padding)
         uses_rope = (cfg.attn_rope and "attention" in cfg.layer_types) or (cfg.lin_rope and "lightning" in cfg.layer_types)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype) if uses_rope else None
-        ctx = Context(positions, rope, new_mask if has_padding else None, attn_mask)
+        ctx = Context(positions, rope, new_mask if has_padding else None, attn_mask, cache_pos)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if self.gradient_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
             else:
                 x = layer(x, ctx, layer_cache)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep < 0:
+                raise ValueError(f"logits_to_keep must be >= 0 (0 = every position); got {logits_to_keep}")
+            logits_to_keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        return self.lm_head(self.norm(x[:, logits_to_keep]))  # (B, T', V)
 
     def set_query_scale(self, a):
         """Switch the HyPE query scale s_t = log_a(t + a) of the attention layers on (a > 1) or off
@@ -355,16 +527,39 @@ class HybridLM(nn.Module):
         self.config.attn_scale_a = None if a is None else float(a)
         return self
 
-    def new_cache(self):
-        return Cache(len(self.layers))
+    def new_cache(self, batch_size=None, max_len=None):
+        """A decoding cache: dynamic without arguments; static (buffers for `max_len` tokens of
+        `batch_size` rows, on the model's device and dtype) with them. See Cache."""
+        if max_len is None:
+            return Cache(len(self.layers))
+        w = self.embed_tokens.weight
+        return Cache.static(self.config, batch_size, max_len, w.device, w.dtype)
+
+    @torch.no_grad()
+    def prefill(self, input_ids, attention_mask=None, cache=None, chunk_size=None):
+        """Feed a prompt (B, T) through `cache`, `chunk_size` tokens at a time (None = one pass), and
+        return the last position's logits (B, V). Attention layers attend to the cache plus the chunk,
+        Lightning layers carry their state from chunk to chunk, so the result is one pass's; only one
+        chunk's activations live at a time, so the memory beyond the cache does not grow with T."""
+        T = input_ids.shape[1]
+        step = T if chunk_size is None else chunk_size
+        if step < 1:
+            raise ValueError(f"chunk_size must be a positive number of tokens (or None); got {chunk_size}")
+        for start in range(0, T, step):
+            mask = None if attention_mask is None else attention_mask[:, start:start + step]
+            logits = self(input_ids[:, start:start + step], mask, cache=cache, logits_to_keep=1)
+        return logits[:, -1]
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
-                 eos_token_id=None, pad_token_id=None, generator=None):
+                 eos_token_id=None, pad_token_id=None, generator=None, cuda_graph=None, prefill_chunk=None):
         """Prompt (B, T), left-padded if rows differ in length, followed by up to `max_new_tokens`
-        new tokens (B, T + N). Greedy when temperature == 0, else nucleus sampling. Prefill runs
-        the chunked form once; each new token is one recurrent step / one cached attention step.
-        Rows that emitted `eos_token_id` continue with `pad_token_id` (default: eos)."""
+        new tokens (B, T + N). Greedy when temperature == 0, else nucleus sampling. Rows that emitted
+        `eos_token_id` continue with `pad_token_id` (default: eos).
+        A static cache holds the run: the prompt goes through it in chunks of `prefill_chunk` tokens
+        (None = one pass; the chunked form in Lightning layers), then each new token is one step (the
+        recurrent form, one cached attention step), replayed as a CUDA graph when `cuda_graph`
+        (default: on for a model on a GPU). Only the logits that are sampled from are computed."""
         if attention_mask is not None:
             m = attention_mask.long()
             if bool((m[:, 1:] < m[:, :-1]).any()):
@@ -372,21 +567,27 @@ class HybridLM(nn.Module):
                                  "(with a transformers tokenizer set tokenizer.padding_side = 'left')")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
+        if cuda_graph is None:
+            cuda_graph = input_ids.is_cuda
+        if cuda_graph and not input_ids.is_cuda:
+            raise ValueError("cuda_graph=True needs the model and input_ids on a CUDA device; pass cuda_graph=False")
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         pad = eos if pad_token_id is None else pad_token_id
-        cache = self.new_cache()
-        logits = self(input_ids, attention_mask, cache=cache)[:, -1]  # (B, V)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        B, T = input_ids.shape
+        cache = self.new_cache(B, T + max_new_tokens)
+        logits = self.prefill(input_ids, attention_mask, cache, prefill_chunk)  # (B, V)
+        step = CUDAGraphStep(self, cache) if cuda_graph else (lambda tok: self(tok[:, None], cache=cache)[:, -1])
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new = []
-        for step in range(max_new_tokens):
+        for i in range(max_new_tokens):
             tok = _sample(logits.float(), temperature, top_p, generator)  # (B,)
             if eos is not None:
                 tok = torch.where(done, torch.full_like(tok, pad), tok)
                 done |= tok == eos
             new.append(tok)
-            if step == max_new_tokens - 1 or bool(done.all()):
+            if i == max_new_tokens - 1 or (eos is not None and bool(done.all())):
                 break
-            logits = self(tok[:, None], cache=cache)[:, -1]
+            logits = step(tok)  # (B, V)
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
 
     def cache_bytes(self, context_len, batch_size=1, dtype=torch.bfloat16):
