@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minihalo.convert import LIGHTNING_OPTIONS, from_hf, to_hypenet
-from minihalo.data import ByteTokenizer, PackedBatches, TokenFile, load_tokenizer, prepare
+from minihalo.data import ByteTokenizer, HFTokenizer, PackedBatches, TokenFile, prepare
 from minihalo.evaluate import (heldout_windows, niah_accuracy, niah_grid, perplexity_by_length,
                                plot_niah_heatmap, token_nll)
 from minihalo.model import Context, HybridLM
@@ -436,7 +436,7 @@ class Run:
         self.teacher = load_teacher(cfg.teacher, self.device, self.dir, cfg.teacher_steps).eval()
         self.teacher.requires_grad_(False)
         self.T = cfg.seq_len or self.teacher.config.max_position_embeddings
-        self.tok = load_tokenizer(cfg.tokenizer)
+        self.tok = ByteTokenizer() if cfg.tokenizer == "byte" else HFTokenizer(cfg.tokenizer)
         self.data_dir = cfg.data_dir or prepare("english", self.tok)
         self.val = TokenFile(self.data_dir, "val")
         if self.val.vocab_size > self.teacher.config.vocab_size:
