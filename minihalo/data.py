@@ -101,7 +101,7 @@ class HFTokenizer:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(name_or_path="byte"):
+def tokenizer_by_name(name_or_path="byte"):
     """"byte" -> ByteTokenizer(); anything else -> HFTokenizer(name_or_path)."""
     if name_or_path == "byte":
         return ByteTokenizer()
@@ -262,7 +262,7 @@ def prepare(corpus="english", tokenizer="byte", out_dir=None, val_fraction=0.05,
         meta.json                    corpus, tokenizer, vocab size, dtype, token and document counts
     `docs` overrides the corpus with a list of documents you already have.
     """
-    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    tok = tokenizer_by_name(tokenizer) if isinstance(tokenizer, str) else tokenizer
     if out_dir is None:
         key = hashlib.sha1(f"{corpus}|{tok.name}|{val_fraction}|{seed}".encode()).hexdigest()[:8]
         safe = "".join(c if c.isalnum() else "_" for c in f"{corpus}-{tok.name}")[-60:]
@@ -337,10 +337,13 @@ class PackedBatches:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
         return order[i * self.batch_size:(i + 1) * self.batch_size]
 
-    def __call__(self, step) -> torch.Tensor:
+    def windows(self, ids) -> torch.Tensor:
+        """The windows with indices `ids`, stacked: (len(ids), T+1) int64."""
         W = self.seq_len + 1
-        rows = [np.asarray(self.tokens[j * W:(j + 1) * W], dtype=np.int64) for j in self.window_ids(step)]
-        return torch.from_numpy(np.stack(rows))  # (B, T+1)
+        return torch.from_numpy(np.stack([np.asarray(self.tokens[j * W:(j + 1) * W], dtype=np.int64) for j in ids]))
+
+    def __call__(self, step) -> torch.Tensor:
+        return self.windows(self.window_ids(step))  # (B, T+1)
 
 
 class MixedBatches:
@@ -365,11 +368,9 @@ class MixedBatches:
         for k, (src, n) in enumerate(zip(self.sources, counts)):
             if n == 0:
                 continue
-            if isinstance(src, PackedBatches):
-                W = src.seq_len + 1
+            if isinstance(src, PackedBatches):  # n distinct windows drawn from (seed, step, source)
                 idx = np.random.default_rng([self.seed, 2, int(step), k]).choice(src.num_windows, n, replace=False)
-                parts.append(torch.from_numpy(np.stack(
-                    [np.asarray(src.tokens[j * W:(j + 1) * W], dtype=np.int64) for j in idx])))
+                parts.append(src.windows(idx))
             else:
                 parts.append(src(np.random.default_rng([self.seed, 3, int(step), k]), int(n)))
         batch = torch.cat(parts)  # (B, T+1)

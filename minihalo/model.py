@@ -53,6 +53,7 @@ class HybridConfig:
     lin_output_norm: bool = True  # RMSNorm over the full H*D width
     lin_output_gate: bool = True  # sigmoid(x Wz)
     lin_chunk_size: int = 64
+    lin_fp32: bool = False  # q, k, v enter the Lightning op in fp32 (else the compute dtype: bf16 under autocast)
     lin_impl: str = "auto"  # see minihalo.ops.lightning_attn
 
     def __post_init__(self):
@@ -66,6 +67,9 @@ class HybridConfig:
             raise ValueError(f"unknown layer types {bad}; expected entries of {MIXERS}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if not isinstance(self.lin_chunk_size, int) or self.lin_chunk_size < 1:
+            raise ValueError(f"lin_chunk_size must be a positive int (tokens per chunk of the Lightning layers, "
+                             f"e.g. 64); got {self.lin_chunk_size!r}")
         if self.lin_impl not in IMPLS:
             raise ValueError(f"unknown lin_impl {self.lin_impl!r}; expected one of {IMPLS}")
 
@@ -225,7 +229,10 @@ class Lightning(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.lin_rope:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
-        q, k = q.to(v.dtype), k.to(v.dtype)  # under bf16 autocast the fp32 norm weights make q, k fp32
+        if cfg.lin_fp32:  # the state is fp32 either way; this also keeps q, k, v and the dots in fp32
+            q, k, v = q.float(), k.float(), v.float()
+        else:  # under bf16 autocast the fp32 norm weights make q, k fp32 while v is bf16
+            q, k = q.to(v.dtype), k.to(v.dtype)
         if self.kv_heads != H:
             k = k.repeat_interleave(H // self.kv_heads, dim=2)  # (B, T, H, D)
             v = v.repeat_interleave(H // self.kv_heads, dim=2)

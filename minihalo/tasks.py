@@ -96,6 +96,15 @@ def _filler_ids(tokenizer, filler, n, rng):
     return ids.tolist()
 
 
+def _insert_needles(haystack, needles, cuts):
+    """The token list `haystack` with `needles[i]` inserted before `haystack[cuts[i]]` (`cuts` sorted)."""
+    row, prev = [], 0
+    for cut, needle in zip(cuts, needles):
+        row += haystack[prev:cut] + needle
+        prev = cut
+    return row + haystack[prev:]
+
+
 def make_niah_sample(tokenizer, length, depth, seed, variant="single_1", filler=None, template="short",
                      digits=7):
     """One NIAH prompt of exactly `length` tokens with the needle at `depth` (0 = start, 1 = end).
@@ -183,12 +192,8 @@ def niah_training_rows(tokenizer, seq_len, filler, rng, n, template="short", var
         k = len(keys)
         n_fill = int(rng.integers(max(1, int(min_fraction * room)), room + 1))
         hay = _filler_ids(tokenizer, source, n_fill, rng)
-        cuts = np.sort(rng.integers(0, n_fill + 1, k))
-        row, prev = [], 0
-        for cut, needle in zip(cuts, needles):
-            row += hay[prev:cut] + needle
-            prev = cut
-        row += hay[prev:] + [t for q in qa for t in q] + [tokenizer.eos_token_id]
+        row = _insert_needles(hay, needles, np.sort(rng.integers(0, n_fill + 1, k)))
+        row += [t for q in qa for t in q] + [tokenizer.eos_token_id]
         row += _filler_ids(tokenizer, source, seq_len + 1 - len(row), rng) if len(row) < seq_len + 1 else []
         rows.append(row[:seq_len + 1])
     return torch.tensor(rows, dtype=torch.long)  # (n, seq_len + 1)
@@ -314,12 +319,8 @@ class TokenNIAH:
             keys, values = self._pairs(k, rng)
             n_fill = seq_len + 1 - 2 * k * per
             hay = hay_all[j, :n_fill].tolist()
-            cuts = np.sort(rng.integers(0, n_fill + 1, k))
-            row, prev = [], 0
-            for cut, key, val in zip(cuts, keys, values):
-                row += hay[prev:cut] + [self.NEEDLE, int(key)] + val.tolist()
-                prev = cut
-            row += hay[prev:]
+            needles = [[self.NEEDLE, int(key)] + val.tolist() for key, val in zip(keys, values)]
+            row = _insert_needles(hay, needles, np.sort(rng.integers(0, n_fill + 1, k)))
             for i in rng.permutation(k):
                 row += [self.QUERY, int(keys[i])] + values[i].tolist()
             rows.append(row)

@@ -21,7 +21,6 @@ after the bad step, so the last one on disk is good.
 
 Shapes: B batch, T sequence length, V vocabulary.
 """
-import functools
 import math
 import os
 import random
@@ -115,35 +114,15 @@ def to_device(batch, device):
 
 
 def enable_gradient_checkpointing(model):
-    """Recompute each decoder layer in the backward pass (activation memory O(L) -> O(1) layers).
-
-    Uses the model's own switch when it has one (transformers' `gradient_checkpointing_enable`,
-    HybridLM's `gradient_checkpointing` flag), otherwise wraps the forward of every module in `model.layers` (or `model.model.layers`).
-    """
-    if hasattr(model, "gradient_checkpointing_enable"):  # transformers models
-        model.gradient_checkpointing_enable()
-        return
+    """Recompute each decoder layer in the backward pass (activation memory O(L) -> O(1) layers), through
+    the model's own switch: HybridLM's `gradient_checkpointing` flag or transformers' `gradient_checkpointing_enable`."""
     if isinstance(getattr(model, "gradient_checkpointing", None), bool):  # minihalo.HybridLM
         model.gradient_checkpointing = True
-        return
-    layers = getattr(model, "layers", None)
-    if layers is None and hasattr(model, "model"):
-        layers = getattr(model.model, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no `layers` to checkpoint; turn grad_checkpointing off")
-    for layer in layers:
-        if getattr(layer, "_minihalo_checkpointed", False):
-            continue
-        forward = layer.forward
-
-        @functools.wraps(forward)
-        def checkpointed(*args, _forward=forward, **kwargs):
-            if not torch.is_grad_enabled():
-                return _forward(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        layer.forward = checkpointed
-        layer._minihalo_checkpointed = True
+    elif hasattr(model, "gradient_checkpointing_enable"):  # transformers models
+        model.gradient_checkpointing_enable()
+    else:
+        raise ValueError(f"{type(model).__name__} has no gradient-checkpointing switch (a HybridLM or a "
+                         f"transformers model has one); turn grad_checkpointing off")
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,20 +184,7 @@ def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    all_params = list(model.parameters())
-    if params is None:
-        train_params = [p for p in all_params if p.requires_grad]
-    else:
-        train_params = list(params)
-    if not train_params:
-        raise ValueError("no parameters to train: params is empty or every parameter has requires_grad=False")
-    chosen = {id(p) for p in train_params}
-    if not chosen <= {id(q) for q in all_params}:
-        raise ValueError("params must be parameters of the model being trained")
-    saved_flags = [p.requires_grad for p in all_params]
-    for p in all_params:  # freeze everything outside `params` for this run
-        p.requires_grad_(id(p) in chosen)
-
+    train_params, restore_flags = _freeze_all_but(model, params)
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(train_params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
@@ -226,17 +192,8 @@ def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                               enabled=cfg.bf16 and device.type == "cuda")
-
-    history = {"step": [], "loss": [], "lr": [], "tokens_per_s": 0.0, "evals": []}
-    start = 0
     ckpt = Path(cfg.ckpt_dir) / "last.pt" if cfg.ckpt_dir else None
-    if ckpt is not None and cfg.resume and ckpt.exists():
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        start, history = state["step"], state["history"]
-    else:
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
+    start, history = _resume_or_start(ckpt, cfg, model, optimizer, scheduler)
 
     def run_eval(step):
         if eval_fn is None:
@@ -255,45 +212,85 @@ def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None
     tokens, t0 = 0, time.perf_counter()
     try:
         for step in bar:
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = to_device(batches(step * cfg.grad_accum + micro), device)
-                with autocast:
-                    loss = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step} (micro-batch {micro}); training stopped. "
-                        + (f"The last good checkpoint is {ckpt} (step {(step // cfg.ckpt_every) * cfg.ckpt_every}). "
-                           if ckpt is not None and cfg.ckpt_every and step >= cfg.ckpt_every else "")
-                        + "Lower the learning rate, check the data, or turn on grad_clip.")
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
-                tokens += count_tokens(batch)
-            if cfg.grad_clip:
-                norm = torch.nn.utils.clip_grad_norm_(train_params, cfg.grad_clip)
-                if not torch.isfinite(norm):
-                    raise NonFiniteLossError(f"gradient norm is {norm.item()} at step {step}; training stopped "
-                                             f"before the update. Last good checkpoint: {ckpt}")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
+            loss, n = _optimizer_step(model, batches, step, cfg, loss_fn, train_params, optimizer, scheduler,
+                                      autocast, device, ckpt)
+            tokens += n
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 history["step"].append(done)
-                history["loss"].append(loss_sum)
+                history["loss"].append(loss)
                 history["lr"].append(scheduler.get_last_lr()[0])
-            elapsed = time.perf_counter() - t0
-            history["tokens_per_s"] = tokens / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{history['tokens_per_s']:.0f}")
+            history["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{history['tokens_per_s']:.0f}")
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 run_eval(done)
             if ckpt is not None and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
                 save_checkpoint(ckpt, model, optimizer, scheduler, done, cfg, history)
     finally:
         bar.close()
-        for p, flag in zip(all_params, saved_flags):
-            p.requires_grad_(flag)
+        restore_flags()
     if eval_fn is not None and not cfg.eval_every:
         run_eval(cfg.steps)
     return history
+
+
+def _freeze_all_but(model, params=None):
+    """Make `params` (default: the parameters that require grad) the only trainable ones of `model`.
+    Returns (that list, a function that restores every parameter's `requires_grad` flag)."""
+    all_params = list(model.parameters())
+    train_params = [p for p in all_params if p.requires_grad] if params is None else list(params)
+    if not train_params:
+        raise ValueError("no parameters to train: params is empty or every parameter has requires_grad=False")
+    chosen = {id(p) for p in train_params}
+    if not chosen <= {id(q) for q in all_params}:
+        raise ValueError("params must be parameters of the model being trained")
+    saved_flags = [p.requires_grad for p in all_params]
+    for p in all_params:
+        p.requires_grad_(id(p) in chosen)
+
+    def restore_flags():
+        for p, flag in zip(all_params, saved_flags):
+            p.requires_grad_(flag)
+
+    return train_params, restore_flags
+
+
+def _resume_or_start(ckpt, cfg, model, optimizer, scheduler):
+    """(first step, history): from the checkpoint `ckpt` when it exists and `cfg.resume` (model, optimizer,
+    scheduler and RNG states restored), else step 0 with every RNG seeded from `cfg.seed`."""
+    if ckpt is not None and cfg.resume and ckpt.exists():
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        return state["step"], state["history"]
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    return 0, {"step": [], "loss": [], "lr": [], "tokens_per_s": 0.0, "evals": []}
+
+
+def _optimizer_step(model, batches, step, cfg, loss_fn, train_params, optimizer, scheduler, autocast, device, ckpt):
+    """One optimizer step: `cfg.grad_accum` forward/backward passes, the finiteness checks, gradient
+    clipping, AdamW and the schedule. Returns (mean loss, tokens seen); `ckpt` only names the last good
+    checkpoint in the error message."""
+    loss_sum, tokens = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        batch = to_device(batches(step * cfg.grad_accum + micro), device)
+        with autocast:
+            loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {step} (micro-batch {micro}); training stopped. "
+                + (f"The last good checkpoint is {ckpt} (step {(step // cfg.ckpt_every) * cfg.ckpt_every}). "
+                   if ckpt is not None and cfg.ckpt_every and step >= cfg.ckpt_every else "")
+                + "Lower the learning rate, check the data, or turn on grad_clip.")
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.item() / cfg.grad_accum
+        tokens += count_tokens(batch)
+    if cfg.grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_(train_params, cfg.grad_clip)
+        if not torch.isfinite(norm):
+            raise NonFiniteLossError(f"gradient norm is {norm.item()} at step {step}; training stopped "
+                                     f"before the update. Last good checkpoint: {ckpt}")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, tokens

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from minihalo.data import (ByteTokenizer, MixedBatches, PackedBatches, TokenFile, prepare, split_documents,
-                           text_files_corpus)
+                           text_files_corpus, tokenizer_by_name)
 
 
 def test_byte_tokenizer_round_trip():
-    tok = ByteTokenizer()
+    tok = tokenizer_by_name("byte")
+    assert isinstance(tok, ByteTokenizer)
     text = "HyPE: ln(t + a) / ln(a) — déjà vu, 東京, emoji 🙂\n\ttabs"
     ids = tok.encode(text)
     assert len(ids) == len(text.encode("utf-8"))  # one token per byte
@@ -84,6 +85,8 @@ def test_mixed_batches_are_seeded_and_mixed(tmp_path):
     rows = torch.cat([mixed(s) for s in range(20)])
     from_ones = (rows == 255).all(1).float().mean().item()
     assert 0.3 < from_ones < 0.7  # about half the rows from each source
+    windows = {tuple(text.windows([j])[0].tolist()) for j in range(text.num_windows)}
+    assert all(tuple(r) in windows for r in rows.tolist() if r != [255] * 16)  # text rows: whole packed windows
     assert torch.equal(mixed(3), MixedBatches([text, ones], [0.5, 0.5], 8, seed=2)(3))
 
 

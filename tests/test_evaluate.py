@@ -96,6 +96,27 @@ def test_mqar_accuracy_oracle_and_constant():
     assert mqar_accuracy(Zero(), inputs, targets) == 0.0
 
 
-def test_niah_grid_shape():
-    grid = niah_grid(Uniform(256), ByteTokenizer(), [100, 150], [0.0, 0.5, 1.0], num_samples=2)
+class Copier(nn.Module):
+    """A byte model that retrieves perfectly: at each position it finds the latest earlier occurrence of the
+    last 12 bytes and predicts the byte that followed it (an ideal induction head), else byte 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        out = torch.zeros(*x.shape, 256)
+        for b, row in enumerate(x.tolist()):
+            text = bytes(row)
+            for t in range(12, len(row)):
+                s = text.rfind(text[t - 11:t + 1], 0, t)  # an occurrence that ends before t
+                out[b, t, text[s + 12] if s >= 0 else 0] = 1.0
+        return out + self.w
+
+
+def test_niah_grid_scores_a_retriever_1_and_a_uniform_model_0():
+    lengths, depths = [100, 150], [0.0, 0.5, 1.0]
+    grid = niah_grid(Copier(), ByteTokenizer(), lengths, depths, num_samples=2)
+    assert grid.shape == (2, 3) and (grid == 1).all()
+    grid = niah_grid(Uniform(256), ByteTokenizer(), lengths, depths, num_samples=2)
     assert grid.shape == (2, 3) and (grid == 0).all()  # argmax of a uniform model is token 0, never a digit

@@ -11,13 +11,9 @@ import pytest
 import torch
 
 from minihalo import kernels
-from minihalo.ops import lightning_attn, lightning_decay, lightning_step
+from minihalo.ops import lightning_attn, lightning_decay, lightning_step, rel_err
 
 TOL = 1e-4
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_runs_under_interpreter_and_poisons_outputs():

@@ -1,10 +1,12 @@
 """HybridLM against transformers' Qwen3/Llama, HALO weight transfer, decoding with caches."""
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import minihalo as mh
 from minihalo.model import Attention, Lightning
+from minihalo.ops import rel_err
 
 V = 101
 
@@ -47,7 +49,7 @@ def test_from_hf_checkpoint_folder(tmp_path):
     ids = torch.randint(1, V, (1, 20))
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max() <= 1e-4
-    assert mh.load_tokenizer(tmp_path) is None  # no tokenizer files in this folder
+    assert mh.tokenizer_in_folder(tmp_path) is None  # no tokenizer files in this folder
 
 
 def test_from_hf_rejects_other_models(tmp_path):
@@ -115,6 +117,8 @@ def test_weight_transfer():
 
 
 def test_lightning_from_copies_trained_layers():
+    """docs/method.md §4 step 3: the Lightning layers come from the stage-1 model, everything else from the
+    teacher (the stage-1 model's own non-mixer weights, shifted here, must not leak in)."""
     teacher = mh.from_hf(tiny_hf("qwen3", tied=True))
     stage1 = mh.to_hypenet(teacher, [])  # a Lightning layer everywhere (HALO stage 1)
     with torch.no_grad():
@@ -124,14 +128,32 @@ def test_lightning_from_copies_trained_layers():
     for i in (0, 1):
         for k, v in hybrid.layers[i].mixer.state_dict().items():
             assert torch.equal(v, stage1.layers[i].mixer.state_dict()[k]), (i, k)
+    for k, v in teacher.layers[2].mixer.state_dict().items():  # the kept attention layer is the teacher's
+        assert torch.equal(v, hybrid.layers[2].mixer.state_dict()[k]), k
+    tsd = teacher.state_dict()
+    for k, v in hybrid.state_dict().items():
+        if ".mixer." not in k:  # embeddings, norms, MLPs, head
+            assert torch.equal(v, tsd[k]), k
 
 
-@pytest.mark.parametrize("attn_layers", [[], [0], [1, 2], [0, 1, 2]])
-def test_bad_layer_indices(attn_layers):
+def test_lightning_from_refuses_other_options():
     teacher = mh.from_hf(tiny_hf("qwen3", tied=True))
-    mh.to_hypenet(teacher, attn_layers)  # valid
-    for bad in ([3], [-1], [1, 1]):
-        with pytest.raises(ValueError):
+    stage1 = mh.to_hypenet(teacher, [], lin_rope=False)
+    with pytest.raises(ValueError, match="lin_rope: source False, requested True"):
+        mh.to_hypenet(teacher, [2], lightning_from=stage1)
+    mh.to_hypenet(teacher, [2], lightning_from=stage1, lin_rope=False)  # the same options: accepted
+
+
+def test_bad_layer_indices():
+    teacher = mh.from_hf(tiny_hf("qwen3", tied=True))
+    for good in ([], [0], (1, 2), range(3), [np.int64(1)]):
+        kinds = ["attention" if i in list(good) else "lightning" for i in range(3)]
+        assert mh.to_hypenet(teacher, good).config.layer_types == kinds
+    for bad, message in [(3, r"a list of layer indices, e.g. \[2, 5\]; got 3 \(int\)"),
+                         (["2"], r"integer layer indices; got '2' \(str\)"),
+                         ([3], "out of range for a 3-layer model"), ([-1], "out of range"),
+                         ([1, 1], "repeat")]:
+        with pytest.raises(ValueError, match=message):
             mh.to_hypenet(teacher, bad)
     with pytest.raises(ValueError, match="Transformer"):
         mh.to_hypenet(mh.to_hypenet(teacher, [0]), [0])
@@ -159,7 +181,7 @@ def test_decode_token_by_token_equals_full_forward(layer_types, scale_a):
         parts = [model(ids[:, :17], cache=cache)]  # a prefill, then one token at a time
         parts += [model(ids[:, t:t + 1], cache=cache) for t in range(17, 30)]
         parts.append(model(ids[:, 30:], cache=cache))  # and a second multi-token chunk
-    assert ((torch.cat(parts, 1) - full).norm() / full.norm()) < 1e-5
+    assert rel_err(torch.cat(parts, 1), full) < 1e-5
 
 
 @pytest.mark.parametrize("layer_types", MIXES)
@@ -185,13 +207,18 @@ def test_left_padded_batch_matches_each_prompt_alone(layer_types):
 
 def test_generation_rejects_right_padding_and_handles_eos():
     model = hybrid(MIXES[1])
-    ids = torch.randint(1, V, (2, 6))
+    ids = torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(4))
     with pytest.raises(ValueError, match="left padding"):
         model.generate(ids, torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6]))
-    greedy = model.generate(ids, max_new_tokens=8)
-    eos = int(greedy[0, 8])  # the third new token of row 0
-    out = model.generate(ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
-    assert torch.equal(out[0, :9], greedy[0, :9]) and (out[0, 9:] == 0).all()
+    greedy = model.generate(ids, max_new_tokens=8)[:, 6:].tolist()
+    # EOS: row 0's first new token from the third on that it has not emitted before (else its first token)
+    j = next((j for j in range(2, 8) if greedy[0][j] not in greedy[0][:j]), 0)
+    eos, pad = greedy[0][j], 0
+    stops = [row.index(eos) + 1 if eos in row else 8 for row in greedy]  # new tokens up to and with EOS
+    n = max(stops)  # generation ends when every row has emitted EOS
+    expected = [row[:stop] + [pad] * (n - stop) for row, stop in zip(greedy, stops)]
+    out = model.generate(ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=pad)
+    assert out[:, 6:].tolist() == expected
     g = torch.Generator().manual_seed(0)
     sampled = model.generate(ids, max_new_tokens=5, temperature=1.0, top_p=0.9, generator=g)
     assert sampled.shape == (2, 11) and torch.equal(sampled[:, :6], ids)
@@ -231,6 +258,9 @@ def test_config_errors():
         mh.HybridConfig(num_layers=1, layer_types=["mamba"])
     with pytest.raises(ValueError):
         mh.HybridConfig(num_heads=3, num_kv_heads=2)
+    for bad in (0, -64, 16.0):
+        with pytest.raises(ValueError, match=f"lin_chunk_size must be a positive int .*; got {bad}"):
+            mh.HybridConfig(lin_chunk_size=bad)
 
 
 def test_lightning_gets_one_dtype_under_bf16_autocast(monkeypatch):

@@ -6,14 +6,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minihalo.ops import lightning_attn, lightning_decay, lightning_step
+from minihalo.ops import lightning_attn, lightning_decay, lightning_step, rel_err
 
 # fp64 differs only by summation order (~1e-15); fp32 accumulates ~1e-7 per op over a few hundred steps.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def inputs(B, T, H, D, dtype, with_state, seed=0):
@@ -48,7 +44,7 @@ def test_three_forms_agree(dtype, T, H, D, with_state):
         got = run(impl, q, k, v, s0, chunk_size)
         for name, a, b in zip(names, got, ref):
             assert a.dtype == b.dtype
-            assert rel(a, b) <= TOL[dtype], f"{impl}/{chunk_size} {name}: {rel(a, b):.2e}"
+            assert rel_err(a, b) <= TOL[dtype], f"{impl}/{chunk_size} {name}: {rel_err(a, b):.2e}"
 
 
 def test_decay_check_values():
@@ -70,7 +66,7 @@ def test_output_dtype_and_state_dtype():
     o, s = lightning_attn(q.bfloat16(), k.bfloat16(), v.bfloat16(), lightning_decay(2), output_final_state=True)
     assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
     ref = lightning_attn(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), lightning_decay(2))
-    assert rel(o.float(), ref) < 1e-2  # bf16 output rounding only
+    assert rel_err(o.float(), ref) < 1e-2  # bf16 output rounding only
 
 
 def test_decode_step_equals_recurrent():
@@ -80,8 +76,8 @@ def test_decode_step_equals_recurrent():
     ref, ref_state = lightning_attn(q, k, v, g_gamma, initial_state=s0, output_final_state=True, impl="recurrent")
     state = s0.detach().clone()
     outs = [lightning_step(q[:, t], k[:, t], v[:, t], g_gamma, state) for t in range(T)]
-    assert rel(torch.stack(outs, 1), ref) < 1e-6
-    assert rel(state, ref_state) < 1e-6
+    assert rel_err(torch.stack(outs, 1), ref) < 1e-6
+    assert rel_err(state, ref_state) < 1e-6
 
 
 def test_long_sequence_stays_finite():
@@ -92,7 +88,7 @@ def test_long_sequence_stays_finite():
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     # the forgetful head's output at t is q_t k_t^T v_t * scale alone
     expected = (q[:, :, 1] * k[:, :, 1]).sum(-1, keepdim=True) * v[:, :, 1] / 4
-    assert rel(o[:, :, 1], expected) < 1e-5
+    assert rel_err(o[:, :, 1], expected) < 1e-5
 
 
 class PeakMemory(TorchDispatchMode):

