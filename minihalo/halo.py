@@ -13,16 +13,26 @@ The steps (docs/method.md §4; the paper calls steps 1, 3, 4 its stages 1, 2, 3)
 | 2    | select   | select_attention_layers   | —                 | scores of the one-layer swaps M(i)  |
 | 3    | distill  | stage2_distill            | the whole student | KL(p_teacher ‖ p_student), T = 1    |
 | 4    | finetune | stage3_finetune           | the whole student | next-token CE at a longer context   |
-| 5    | scale    | pick_query_scale          | —                 | LM loss on long held-out text       |
+| 5    | scale    | pick_query_scale          | —                 | LM loss on long held-out documents  |
 
 Every training step goes through minihalo.train.train (exact resume from a checkpoint, NaN guard,
-tqdm bar). A run folder holds one sub-folder per step (its checkpoints, JSON-lines logs, final model),
-so any step can be rerun alone; `run(HaloConfig(...))` is the same pipeline from Python.
+tqdm bar). The run folder:
+
+    config.json                     the HaloConfig
+    align/, distill/, finetune/     ckpt/last.pt (resumable), history.jsonl, stats.json, model/ (the result)
+    align/layers.jsonl              the per-layer alignment MSE of every batch
+    select.json, scale.json         the layer scores and choice; the query-scale grid
+    hybrid/                         the final HypeNet (HybridLM.from_pretrained), query scale in its config
+    report.md, report.json, *.png   teacher vs HypeNet by context length, layer scores, cost
+
+A step whose model/ exists is not redone (delete the folder to redo it); a step reads the previous
+step's model/ from the folder, so steps can run alone. `run(HaloConfig(...))` is the same from Python.
+At toy scale the paper's benchmarks are at chance, so layer selection uses proxies (docs/method.md §4
+step 2): recall = needle-in-a-haystack accuracy, commonsense = exp(-held-out NLL).
 
 Shapes: B batch, T tokens, N = B*T rows, d model width, V vocabulary, L layers.
 """
 import argparse
-import copy
 import json
 import math
 import time
@@ -35,10 +45,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minihalo.convert import LIGHTNING_OPTIONS, from_hf, to_hypenet
-from minihalo.data import ByteTokenizer, TokenFile, prepare
+from minihalo.data import ByteTokenizer, PackedBatches, TokenFile, load_tokenizer, prepare
 from minihalo.evaluate import (heldout_windows, niah_accuracy, niah_grid, perplexity_by_length,
                                plot_niah_heatmap, token_nll)
 from minihalo.model import Context, HybridLM
+from minihalo.tasks import niah_training_rows
 from minihalo.train import TrainConfig, train
 
 TOY_TEACHER = Path(__file__).resolve().parent.parent / "data" / "toy_teacher"  # present in a repository checkout
@@ -71,8 +82,8 @@ def load_teacher(teacher="toy", device="cpu", out_dir=None, steps=None):
     if teacher == "toy":
         if not (TOY_TEACHER / "config.json").is_file():
             raise ValueError(f"the toy teacher is not at {TOY_TEACHER}: it ships in the repository's data/ folder, "
-                             "which a pip install does not have. Pass --teacher toy-scratch (train one, "
-                             "about 15 minutes on a CPU) or the path of a checkpoint folder")
+                             "which a pip install does not have. Pass --teacher toy-scratch (pretrain one: 4,000 "
+                             "steps, about 5 minutes on an H200, far longer on a CPU) or a checkpoint folder")
         teacher = str(TOY_TEACHER)
     if teacher == "toy-scratch":
         return _toy_from_scratch(device, out_dir, steps)
@@ -346,7 +357,8 @@ class HaloConfig:
     out: str = "runs/halo"            # the run folder
     teacher: str = "toy"              # see load_teacher
     teacher_steps: int = None         # --teacher toy-scratch: pretraining steps (default: the preset's)
-    data_dir: str = None              # a prepared corpus (minihalo.data.prepare); default: english, bytes
+    tokenizer: str = "byte"           # "byte", or a transformers tokenizer (folder or hub id) for such a teacher
+    data_dir: str = None              # a prepared corpus (minihalo.data.prepare); default: english, `tokenizer`
     stages: tuple = STEPS             # which steps to run (names of STEPS)
     device: str = None                # default: cuda if available
     seed: int = 0
@@ -363,7 +375,7 @@ class HaloConfig:
     select_samples: int = 40          # NIAH prompts per swapped model
     # step 3
     steps_distill: int = 400
-    lr_distill: float = 1e-3
+    lr_distill: float = 3e-3
     batch_distill: int = 16
     seq_len: int = None               # steps 1 and 3 (default: the teacher's training length)
     chunk_rows: int = 1024
@@ -372,7 +384,7 @@ class HaloConfig:
     # step 4
     finetune_lengths: list = field(default_factory=lambda: [256])
     steps_finetune: int = 100
-    lr_finetune: float = 1e-4
+    lr_finetune: float = 3e-5
     finetune_tokens_per_batch: int = 4096
     warmup_steps: int = 20
     # step 5 and the report
@@ -388,7 +400,7 @@ PRESETS = {
     # 2 CPU cores, the whole pipeline with its evaluation in about 5 minutes.
     "tiny": dict(),
     # One GPU, about 15 minutes.
-    "small": dict(steps_align=1000, batch_align=32, steps_distill=3000, batch_distill=32, lr_distill=1e-3,
+    "small": dict(steps_align=1000, batch_align=32, steps_distill=3000, batch_distill=32,
                   finetune_lengths=[256, 512], steps_finetune=500, finetune_tokens_per_batch=16384,
                   select_samples=100, eval_samples=40, eval_windows=32, scale_length=1024,
                   eval_lengths=[128, 256, 512, 1024, 2048]),
@@ -422,17 +434,21 @@ class Run:
         self.teacher = load_teacher(cfg.teacher, self.device, self.dir, cfg.teacher_steps).eval()
         self.teacher.requires_grad_(False)
         self.T = cfg.seq_len or self.teacher.config.max_position_embeddings
-        self.data_dir = cfg.data_dir or prepare("english", "byte")
+        self.tok = load_tokenizer(cfg.tokenizer)
+        self.data_dir = cfg.data_dir or prepare("english", self.tok)
         self.val = TokenFile(self.data_dir, "val")
-        if self.val.vocab_size != self.teacher.config.vocab_size:
+        if self.val.vocab_size > self.teacher.config.vocab_size:
             raise ValueError(f"the corpus in {self.data_dir} has vocabulary {self.val.vocab_size}, the teacher "
-                             f"{self.teacher.config.vocab_size}; prepare it with the teacher's tokenizer")
-        self.tok = ByteTokenizer()
+                             f"{self.teacher.config.vocab_size}; pass the teacher's tokenizer (--tokenizer)")
 
     def batches(self, seq_len, batch_size):
+        """Training batches by step: corpus windows, with needle-retrieval and copy rows mixed in
+        (minihalo.teacher.teacher_batches: built from bytes, so for the byte tokenizer only)."""
         from minihalo.teacher import teacher_batches
-        return teacher_batches(self.data_dir, seq_len, batch_size, self.cfg.retrieval_share,
-                               self.cfg.copy_share, (4, 16), self.cfg.seed)
+        c = self.cfg
+        if not isinstance(self.tok, ByteTokenizer):
+            return PackedBatches(TokenFile(self.data_dir, "train"), seq_len, batch_size, c.seed)
+        return teacher_batches(self.data_dir, seq_len, batch_size, c.retrieval_share, c.copy_share, (4, 16), c.seed)
 
     def train_cfg(self, step, steps, lr, **kw):
         c = self.cfg
@@ -521,11 +537,19 @@ class Run:
         tokens = sum(c.steps_finetune * max(1, c.finetune_tokens_per_batch // T) * T for T in c.finetune_lengths)
         return self.finish("finetune", model, hist, time.perf_counter() - t0, tokens)
 
+    def long_documents(self, length, n, seed=11):
+        """(2n, length + 1) held-out rows for the loss that picks `a`: n windows of validation text and n
+        retrieval documents built from it (needles, then their questions and answers: at toy scale
+        these rows are where the attention layers, and so s_t, matter)."""
+        text = heldout_windows(self.val, length, n, seed)
+        rng = np.random.default_rng([seed, length])
+        return np.concatenate([text, niah_training_rows(self.tok, length, self.val.tokens, rng, n).numpy()])
+
     def scale(self):
         c = self.cfg
         model = (self.saved("finetune") or self.need("distill")).eval()
-        windows = heldout_windows(self.val, c.scale_length, c.eval_windows, seed=11)
-        loss = lambda m: token_nll(m, windows, batch_size=2).mean().item()  # noqa: E731
+        docs = self.long_documents(c.scale_length, c.eval_windows)
+        loss = lambda m: token_nll(m, docs, batch_size=2).mean().item()  # noqa: E731
         recall = niah_recall(self.tok, self.val.tokens, c.scale_length, c.eval_samples * 2, seed=13)
         t0 = time.perf_counter()
         a, table = pick_query_scale(model, loss, c.a_grid, recall)
@@ -602,6 +626,7 @@ def _figures(rep, c, T, d, plt):
     ax.axvline(T, color="gray", ls="--", lw=1, label="teacher's training length")
     ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="held-out perplexity",
            title="Perplexity by context length")
+    ax.minorticks_off()
     ax.set_xticks(c.eval_lengths, [str(L) for L in c.eval_lengths])
     ax.legend()
     fig.tight_layout()
@@ -618,8 +643,8 @@ def _figures(rep, c, T, d, plt):
         fig, ax = plt.subplots(figsize=(1.5 + 0.5 * len(layers), 3))
         ax.bar(layers, [sel["halo_scores"][str(i)] for i in layers],
                color=["C3" if i in sel["layers"] else "C0" for i in layers])
-        ax.set(xlabel="layer i", ylabel="score s_i (clipped at 50)", yscale="symlog",
-               title=f"Layer selection: attention kept in {sel['layers']}")
+        ax.set(xlabel="layer i", ylabel="score s_i (clipped at 50)", yscale="symlog", xticks=layers,
+               title=f"Layer selection: attention kept in {sel['layers']} (red)")
         fig.tight_layout()
         fig.savefig(d / "layer_scores.png", dpi=120)
     plt.close("all")
@@ -654,7 +679,9 @@ def _markdown(rep, c, T):
                       for i in s["csr"]]
             lines += ["", "![layer scores](layer_scores.png)", ""]
     if "scale" in rep:
-        lines += [f"## HyPE query scale: a = {rep['scale']['a']} (loss at {rep['scale']['length']} tokens)", "",
+        lines += [f"## HyPE query scale: a = {rep['scale']['a']}", "",
+                  f"Loss on held-out text and retrieval documents of {rep['scale']['length']} tokens; NIAH at "
+                  "that length.", "",
                   "| a | loss (nats/token) | NIAH (%) |", "|---|---|---|"]
         lines += [f"| {r['a']} | {r['loss']:.4f} | {100 * r.get('niah', float('nan')):.0f} |"
                   for r in rep["scale"]["table"]]
