@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minihalo.convert import LIGHTNING_OPTIONS, from_hf, to_hypenet
-from minihalo.data import ByteTokenizer, PackedBatches, TokenFile, load_tokenizer, prepare
+from minihalo.data import ByteTokenizer, HFTokenizer, PackedBatches, TokenFile, prepare
 from minihalo.evaluate import (heldout_windows, niah_accuracy, niah_grid, perplexity_by_length,
                                plot_niah_heatmap, token_nll)
 from minihalo.model import Context, HybridLM
@@ -292,8 +292,8 @@ def kl_divergence(student, teacher, chunk_rows=1024, student_head=None, teacher_
 
     `student`, `teacher`: logits (..., V), or hidden states (..., d) when the heads (e.g. model.lm_head)
     are given. Rows are processed `chunk_rows` at a time and each chunk is recomputed in the backward
-    pass, so with heads no more than one chunk of (chunk_rows, V) logits ever exists: at a 150K vocabulary
-    and 8K rows the full fp32 logits of both models would take 9.8 GB, a 1024-row chunk takes 1.2 GB.
+    pass, so with heads no more than one chunk of (chunk_rows, V) logits ever exists. At Qwen3's vocabulary
+    (151,936) and 8,192 rows the fp32 logits of both models would take 10 GB; a 1,024-row chunk, 1.2 GB.
     """
     s, t = student.flatten(0, -2), teacher.flatten(0, -2)  # (N, V) or (N, d)
     if s.shape[0] != t.shape[0]:
@@ -397,9 +397,11 @@ class HaloConfig:
 
 
 PRESETS = {
-    # 2 CPU cores, the whole pipeline with its evaluation in about 5 minutes.
+    # A CPU: 0.3M + 0.8M + 0.4M training tokens; the whole pipeline with its report took 6.2 CPU-minutes
+    # (user time, one thread, on a busy 2-core CPU); wall time on 2 idle cores is not timed yet.
     "tiny": dict(),
-    # One GPU, about 15 minutes.
+    # One GPU: 4M + 12M + 16M training tokens (align, distill, finetune), sized for <= 15 minutes at the
+    # ~40-60K tokens/s the toy teacher trained at on an H200 (an estimate; not measured yet).
     "small": dict(steps_align=1000, batch_align=32, steps_distill=3000, batch_distill=32,
                   finetune_lengths=[256, 512], steps_finetune=500, finetune_tokens_per_batch=16384,
                   select_samples=100, eval_samples=40, eval_windows=32, scale_length=1024,
@@ -434,7 +436,7 @@ class Run:
         self.teacher = load_teacher(cfg.teacher, self.device, self.dir, cfg.teacher_steps).eval()
         self.teacher.requires_grad_(False)
         self.T = cfg.seq_len or self.teacher.config.max_position_embeddings
-        self.tok = load_tokenizer(cfg.tokenizer)
+        self.tok = ByteTokenizer() if cfg.tokenizer == "byte" else HFTokenizer(cfg.tokenizer)
         self.data_dir = cfg.data_dir or prepare("english", self.tok)
         self.val = TokenFile(self.data_dir, "val")
         if self.val.vocab_size > self.teacher.config.vocab_size:
@@ -597,7 +599,7 @@ def write_report(run):
     evals = {name: evaluate_lengths(m, run) for name, m in models.items()}
     long = 4 * run.T
     rep = {"device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else
-           f"CPU ({torch.get_num_threads()} threads)", "torch": torch.__version__,
+           f"CPU, {torch.get_num_threads()} thread(s)", "torch": torch.__version__,
            "python": platform.python_version(), "train_length": run.T, "config": asdict(c), "eval": evals,
            "layer_types": hybrid.config.layer_types, "query_scale_a": hybrid.config.attn_scale_a,
            "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
@@ -665,7 +667,10 @@ def _markdown(rep, c, T):
         lines.append(f"| {name} NIAH (%) | " + " | ".join(f"{100 * e[name]['niah'][str(L)]:.0f}"
                                                            for L in c.eval_lengths) + " |")
     ratio = q["perplexity_ratio_at_train_length"]
-    lines += ["", f"Perplexity at T = {T}: HypeNet / teacher = {ratio:.3f}" if ratio else "", "",
+    niah = q[f"niah_at_{4 * T}"]
+    lines += ["", f"Perplexity at T = {T}: HypeNet / teacher = {ratio:.3f}" if ratio else "",
+              f"NIAH at 4T = {4 * T}: teacher {100 * niah['teacher']:.0f}%, HypeNet {100 * niah['hypenet']:.0f}%"
+              if niah["teacher"] is not None else "", "",
               "![perplexity](perplexity.png)", "", "![NIAH](niah.png)", ""]
     if "select" in rep:
         s = rep["select"]
