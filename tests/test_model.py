@@ -281,3 +281,39 @@ def test_lightning_gets_one_dtype_under_bf16_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 64, (2, 16))).float().sum().backward()
     assert seen == [(torch.bfloat16,) * 3]
+
+
+def test_decays_stay_fp32_and_unsaved_when_the_model_is_cast():
+    """model.to(bf16) must not round the per-head decays (docs/method.md §2), and they are not weights."""
+    model = hybrid(["lightning", "attention"]).to(torch.bfloat16)
+    g = model.layers[0].mixer.g_gamma
+    assert g.dtype == torch.float32 and torch.equal(g, mh.lightning_decay(3))
+    assert not any("g_gamma" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("lin_fp32", [False, True])
+def test_lin_fp32_chooses_the_dtype_of_the_lightning_inputs(monkeypatch, lin_fp32):
+    """Under bf16 autocast the Lightning op gets q, k, v in bf16, or in fp32 with lin_fp32=True."""
+    import minihalo.model as model_module
+    original, seen = model_module.lightning_attn, []
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "lightning_attn", spy)
+    model = hybrid(["lightning"], lin_fp32=lin_fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, V, (1, 20)))
+    want = torch.float32 if lin_fp32 else torch.bfloat16
+    assert seen == [(want, want, want)]
+
+
+def test_set_query_scale_is_the_models_own_and_checked():
+    """set_query_scale changes this model's config only, and refuses a base <= 1."""
+    a = hybrid(["attention"])
+    b = mh.HybridLM(a.config)
+    a.set_query_scale(64)
+    assert a.config.attn_scale_a == 64.0 and b.config.attn_scale_a is None
+    with pytest.raises(ValueError, match="a number > 1"):
+        a.set_query_scale(1)
