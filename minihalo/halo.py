@@ -269,16 +269,9 @@ def num_attention_layers(num_layers, k=None, ratio=None):
 # Step 3: distillation with a chunked KL, step 4: long-context finetune
 # --------------------------------------------------------------------------------------------
 def final_hidden(model, input_ids):
-    """The last hidden states (B, T, d) after the final norm, for an unpadded, uncached call:
+    """The last hidden states (B, T, d) after the final norm:
     model(input_ids) == model.lm_head(final_hidden(model, input_ids))."""
-    x = model.embed_tokens(input_ids)  # (B, T, d)
-    ctx = Context.causal(model.config, *input_ids.shape, input_ids.device, x.dtype)
-    for layer in model.layers:
-        if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
-            x = checkpoint(layer, x, ctx, use_reentrant=False)
-        else:
-            x = layer(x, ctx)
-    return model.norm(x)
+    return model(input_ids, output_hidden=True)
 
 
 def _kl_sum(student_logits, teacher_logits):

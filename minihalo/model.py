@@ -486,12 +486,14 @@ class HybridLM(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, input_ids, attention_mask=None, cache: Optional[Cache] = None, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, cache: Optional[Cache] = None, logits_to_keep=0,
+                output_hidden=False):
         """input_ids (B, T) -> logits (B, T', V). `attention_mask` (B, T): 1 = token, 0 = padding
         (left padding for generation). With a `cache`, the tokens continue what it holds.
         `logits_to_keep` (transformers' name): an int N = the last N positions (0 = all), or a slice or
         index tensor over T. Only those positions go through the final norm and lm_head: at T = 32K the
-        full logits of a 152K vocabulary would take 10 GB in bf16."""
+        full logits of a 152K vocabulary would take 10 GB in bf16. `output_hidden=True` returns the final
+        hidden states (B, T', d) instead, after the final norm and before lm_head (HALO's chunked KL)."""
         cfg = self.config
         B, T = input_ids.shape
         dev = input_ids.device
@@ -517,7 +519,8 @@ class HybridLM(nn.Module):
             if logits_to_keep < 0:
                 raise ValueError(f"logits_to_keep must be >= 0 (0 = every position); got {logits_to_keep}")
             logits_to_keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        return self.lm_head(self.norm(x[:, logits_to_keep]))  # (B, T', V)
+        h = self.norm(x[:, logits_to_keep])  # (B, T', d)
+        return h if output_hidden else self.lm_head(h)  # (B, T', V)
 
     def set_query_scale(self, a):
         """Switch the HyPE query scale s_t = log_a(t + a) of the attention layers on (a > 1) or off
