@@ -19,6 +19,12 @@ exact resume: model, optimizer, scheduler, step and the RNG states (torch, CUDA,
 A non-finite loss or gradient norm stops the run with `NonFiniteLossError`; no checkpoint is written
 after the bad step, so the last one on disk is good.
 
+`cuda_graph=True` (CUDA only, one micro-batch per step) captures the whole optimizer step (forward,
+backward, clipping, AdamW) once as a CUDA graph and replays it: a small model's eager step is bound by
+the host launching about a thousand kernels, a replay is one launch. Same parameters and data as the
+eager loop; the loss is checked after the step, so a non-finite loss stops the run with the bad update
+applied (the last checkpoint on disk is still good).
+
 Shapes: B batch, T sequence length, V vocabulary.
 """
 import math
@@ -56,6 +62,7 @@ class TrainConfig:
     seed: int = 0                    # seeds torch/numpy/random at the start of a fresh run
     progress: bool = True            # show the tqdm bar
     log_every: int = 1               # record the loss in the history every N steps
+    cuda_graph: bool = False         # replay the whole step as a CUDA graph (CUDA, grad_accum 1; see above)
     extra: dict = field(default_factory=dict)  # free-form notes saved with checkpoints
 
     def __post_init__(self):
@@ -65,6 +72,9 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant'; got {self.schedule!r}")
         if self.ckpt_every and not self.ckpt_dir:
             raise ValueError("ckpt_every > 0 needs a ckpt_dir")
+        if self.cuda_graph and (self.grad_accum != 1 or self.grad_checkpointing):
+            raise ValueError("cuda_graph=True captures one forward/backward per step: it needs grad_accum=1 "
+                             "and grad_checkpointing=False")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -183,15 +193,18 @@ def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None
     run would have (on the same device, same seed).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device; the model is on {device}")
     model.to(device)
     train_params, restore_flags = _freeze_all_but(model, params)
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(train_params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=device.type == "cuda", capturable=cfg.cuda_graph)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
+    # a captured graph keeps the autocast casts it recorded: no cache of cast weights across steps
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                              enabled=cfg.bf16 and device.type == "cuda")
+                              enabled=cfg.bf16 and device.type == "cuda", cache_enabled=not cfg.cuda_graph)
     ckpt = Path(cfg.ckpt_dir) / "last.pt" if cfg.ckpt_dir else None
     start, history = _resume_or_start(ckpt, cfg, model, optimizer, scheduler)
 
@@ -210,16 +223,21 @@ def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
                desc="train", dynamic_ncols=True)
     tokens, t0 = 0, time.perf_counter()
+    graphed = GraphedStep(model, batches, loss_fn, train_params, optimizer, scheduler, cfg, autocast, device) \
+        if cfg.cuda_graph else None
     try:
         for step in bar:
-            loss, n = _optimizer_step(model, batches, step, cfg, loss_fn, train_params, optimizer, scheduler,
-                                      autocast, device, ckpt)
+            if graphed is not None:
+                loss, n = graphed(step, ckpt)
+            else:
+                loss, n = _optimizer_step(model, batches, step, cfg, loss_fn, train_params, optimizer, scheduler,
+                                          autocast, device, ckpt)
             tokens += n
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 history["step"].append(done)
                 history["loss"].append(loss)
-                history["lr"].append(scheduler.get_last_lr()[0])
+                history["lr"].append(float(scheduler.get_last_lr()[0]))
             history["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{history['tokens_per_s']:.0f}")
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
@@ -294,3 +312,90 @@ def _optimizer_step(model, batches, step, cfg, loss_fn, train_params, optimizer,
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, tokens
+
+
+class GraphedStep:
+    """The optimizer step of `train` captured as one CUDA graph (TrainConfig.cuda_graph).
+
+    `step(i, ckpt)` copies batch i into a fixed input buffer, replays the graph (forward, backward,
+    gradient clipping, fused AdamW with its learning rate read from a device tensor), then builds the
+    next batch on the host while the GPU works, and returns (loss, tokens) like `_optimizer_step`.
+    The first call captures: a few warm-up steps on a side stream with learning rate 0 (Triton and
+    cuBLAS pick their kernels; AdamW creates its state), after which parameters and optimizer state
+    are put back exactly as they were, so the run equals the eager loop's.
+    """
+
+    def __init__(self, model, batches, loss_fn, train_params, optimizer, scheduler, cfg, autocast, device):
+        self.model, self.batches, self.loss_fn, self.params = model, batches, loss_fn, train_params
+        self.optimizer, self.scheduler, self.cfg, self.autocast, self.device = \
+            optimizer, scheduler, cfg, autocast, device
+        self.graph = self.pending = None
+
+    def _step_body(self):
+        with self.autocast:
+            loss = self.loss_fn(self.model, self.batch)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip) if self.cfg.grad_clip \
+            else torch.zeros((), device=self.device)
+        self.optimizer.step()
+        return loss.detach(), norm
+
+    def _capture(self, batch):
+        self.batch = to_device(batch, self.device)
+        for group in self.optimizer.param_groups:  # a device tensor, so that a replay reads the current value
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=self.device)
+        self.lrs = [group["lr"] for group in self.optimizer.param_groups]
+        saved_params = [p.detach().clone() for p in self.params]
+        saved_state = {p: {k: v.clone() for k, v in st.items()} for p, st in self.optimizer.state.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for lr in self.lrs:
+                lr.zero_()
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._step_body()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():  # undo the warm-up: same parameters, AdamW state as before (zeros if new)
+            for p, saved in zip(self.params, saved_params):
+                p.copy_(saved)
+            for p, st in self.optimizer.state.items():
+                for k, v in st.items():
+                    v.copy_(saved_state[p][k]) if p in saved_state else v.zero_()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss, self.norm = self._step_body()
+
+    def __call__(self, step, ckpt):
+        batch = self.pending if self.pending is not None else self.batches(step)
+        if self.graph is None:
+            self._capture(batch)
+        else:
+            copy_into(self.batch, batch)
+        for lr, group_lr in zip(self.lrs, self.scheduler.get_last_lr()):
+            lr.fill_(float(group_lr))
+        self.graph.replay()
+        self.pending = self.batches(step + 1) if step + 1 < self.cfg.steps else None  # overlaps the GPU's work
+        loss, norm = self.loss.item(), self.norm.item()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise NonFiniteLossError(f"loss {loss}, gradient norm {norm} at step {step}; training stopped. "
+                                     f"The update of this step was applied; the last checkpoint ({ckpt}) is good. "
+                                     "Lower the learning rate or check the data.")
+        self.scheduler.step()
+        return loss, count_tokens(batch)
+
+
+def copy_into(dst, src):
+    """Copy a batch (tensor, dict or sequence of tensors) into the same-shaped buffers `dst`."""
+    if isinstance(dst, torch.Tensor):
+        if dst.shape != src.shape:
+            raise ValueError(f"cuda_graph=True needs every batch to have one shape; got {tuple(src.shape)}, "
+                             f"captured {tuple(dst.shape)}")
+        dst.copy_(src, non_blocking=True)
+    elif isinstance(dst, dict):
+        for k in dst:
+            copy_into(dst[k], src[k])
+    elif isinstance(dst, (tuple, list)):
+        for d, s_ in zip(dst, src):
+            copy_into(d, s_)

@@ -56,10 +56,11 @@ def causal_softmax_attention(q, k, v):
     return torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(len(q), H * D)
 
 
-def qwen3_attention(m, x, t):
-    """docs/method.md §1: q, k = RoPE(RMSNorm_D(x Wq)), RoPE(RMSNorm_D(x Wk)); GQA; y = o Wo."""
-    q = rope(rms_norm(heads(x, m.q_proj, H), m.q_norm.weight), t)
-    k = rope(rms_norm(heads(x, m.k_proj, G), m.k_norm.weight), t)
+def qwen3_attention(m, x, t, use_rope=True):
+    """docs/method.md §1: q, k = RoPE(RMSNorm_D(x Wq)), RoPE(RMSNorm_D(x Wk)); GQA; y = o Wo (NoPE: no RoPE)."""
+    pos = rope if use_rope else (lambda x, t: x)
+    q = pos(rms_norm(heads(x, m.q_proj, H), m.q_norm.weight), t)
+    k = pos(rms_norm(heads(x, m.k_proj, G), m.k_norm.weight), t)
     return causal_softmax_attention(q, k, heads(x, m.v_proj, G)) @ m.o_proj.weight.T
 
 
@@ -77,12 +78,13 @@ def hype_attention(m, x, t):
 GAMMA = torch.exp(-torch.tensor([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3], dtype=torch.float64))
 
 
-def lightning_layer(m, x, t, kv_heads):
+def lightning_layer(m, x, t, kv_heads, use_rope=True):
     """docs/method.md §3.1: q, k = RoPE(RMSNorm_D(x Wq)), RoPE(RMSNorm_D(x Wk)); v = x Wv (K/V with `kv_heads`
     heads, shared by query groups when G); S_t = gamma S_{t-1} + k_t^T v_t, o_t = q_t S_t / sqrt(D);
-    y = (RMSNorm_{H*D}(o) ⊙ sigmoid(x Wz)) Wo."""
-    q = rope(rms_norm(heads(x, m.q_proj, H), m.q_norm.weight), t)
-    k = rope(rms_norm(heads(x, m.k_proj, kv_heads), m.k_norm.weight), t)
+    y = (RMSNorm_{H*D}(o) ⊙ sigmoid(x Wz)) Wo. (NoPE: no RoPE.)"""
+    pos = rope if use_rope else (lambda x, t: x)
+    q = pos(rms_norm(heads(x, m.q_proj, H), m.q_norm.weight), t)
+    k = pos(rms_norm(heads(x, m.k_proj, kv_heads), m.k_norm.weight), t)
     v = heads(x, m.v_proj, kv_heads)
     if kv_heads == G:
         k, v = k[:, GROUP], v[:, GROUP]  # (T, H, D)
@@ -167,6 +169,19 @@ def test_lightning_layer(scenario, lin_mha):
     model = random_model(["lightning", "attention", "lightning"], attn_rope=False, attn_output_gate=True,
                          attn_scale_a=A, lin_mha=lin_mha)
     check(model, 2, scenario, lambda m, x, t: lightning_layer(m, x, t, H if lin_mha else G))
+
+
+@pytest.mark.parametrize("variant", ["hype", "all_rope", "all_nope", "attn_rope_rnn_nope"])
+def test_position_encoding_layouts(variant):
+    """The four layouts of the HyPE experiment (minihalo.experiments.hype, docs/method.md §3.3): in one model,
+    each attention layer and each Lightning layer has RoPE exactly when its variant says so."""
+    from minihalo.experiments.hype import VARIANTS
+    opts = VARIANTS[variant]
+    model = random_model(["attention", "lightning", "attention", "lightning"], **opts)
+    for layer in (0, 2):
+        check(model, layer, "left_padded", lambda m, x, t: qwen3_attention(m, x, t, opts["attn_rope"]))
+    for layer in (1, 3):
+        check(model, layer, "cache", lambda m, x, t: lightning_layer(m, x, t, H, opts["lin_rope"]))
 
 
 def test_lin_mha_false_through_conversion():
