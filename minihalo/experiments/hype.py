@@ -170,13 +170,14 @@ def run(preset="cpu", variants=tuple(VARIANTS), device=None, progress=True, lin_
 
 def run_parallel(preset, variants, seeds, parallel=None, changes=None, lin_impl="auto"):
     """`run` for every (variant, seed) as its own process, at most `parallel` at a time, spread over the
-    visible GPUs round-robin (tiny models leave a GPU mostly idle: several processes share it). Returns
-    {"runs": [one `run` result per (variant, seed)], ...}."""
+    visible GPUs round-robin (several processes share a GPU: one tiny model leaves it partly idle). Returns
+    {"runs": [one `run` result per (variant, seed)], "failed": [(variant, seed, exit code)], ...}; a failed
+    run is reported there and the others go on."""
     jobs = [(v, s) for s in seeds for v in variants]
     gpus = max(1, torch.cuda.device_count())
     parallel = parallel or len(jobs)
     out_dir = tempfile.mkdtemp(prefix="hype_")
-    pending, running, runs = list(enumerate(jobs)), [], []
+    pending, running, runs, failed = list(enumerate(jobs)), [], [], []
     t0 = time.perf_counter()
     while pending or running:
         while pending and len(running) < parallel:
@@ -186,16 +187,22 @@ def run_parallel(preset, variants, seeds, parallel=None, changes=None, lin_impl=
                    "--seed", str(s), "--out", path, "--no-progress", "--lin-impl", lin_impl, "--quiet",
                    *[f"--set={k}={json.dumps(x)}" for k, x in (changes or {}).items()]]
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i % gpus)} if torch.cuda.is_available() else None
-            running.append((path, subprocess.Popen(cmd, env=env)))
+            running.append((v, s, path, subprocess.Popen(cmd, env=env)))
         time.sleep(1)
-        for job in [j for j in running if j[1].poll() is not None]:
+        for job in [j for j in running if j[3].poll() is not None]:
             running.remove(job)
-            if job[1].returncode:
-                raise RuntimeError(f"{job[0]}: the run failed (exit {job[1].returncode})")
-            with open(job[0]) as f:
+            v, s, path, proc = job
+            if proc.returncode:
+                print(f"{v} seed {s} failed (exit {proc.returncode})", file=sys.stderr)
+                failed.append((v, s, proc.returncode))
+                continue
+            with open(path) as f:
                 runs.append(json.load(f))
+    if not runs:
+        raise RuntimeError(f"every run failed: {failed}")
     return {"preset": preset, "seeds": list(seeds), "variants": list(variants), "changes": changes or {},
-            "wall_seconds": time.perf_counter() - t0, "parallel": parallel, "gpus": gpus, "runs": runs}
+            "wall_seconds": time.perf_counter() - t0, "parallel": parallel, "gpus": gpus, "runs": runs,
+            "failed": failed}
 
 
 def summary(runs):
