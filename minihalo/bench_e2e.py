@@ -252,6 +252,19 @@ def _run_steps(step, logits, n):
     return logits
 
 
+def time_graph_steps(row, capture, logits, who):
+    """`capture(logits) -> (step, logits)` makes a decoding step replayed as a CUDA graph; after 2 more steps,
+    time N_DECODE of them into row["decode_graph_ms"]. A failure is recorded in row["graph_error"]: the
+    eager time stands."""
+    try:
+        step, logits = capture(logits)
+        logits = _run_steps(step, logits, 2)
+        row["decode_graph_ms"], _ = time_steps(step, logits, N_DECODE, True)
+    except Exception as e:  # noqa: BLE001 - recorded; the eager time stands
+        row["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"  {who} graph capture failed:", row["graph_error"])
+
+
 @torch.no_grad()
 def measure_minihalo(model, ids, reps, graphs, chunk):
     C = ids.shape[1]
@@ -267,14 +280,10 @@ def measure_minihalo(model, ids, reps, graphs, chunk):
     logits = eager(logits.argmax(-1))  # warm-up
     row["decode_eager_ms"], logits = time_steps(eager, logits, 8, graphs)
     if graphs:
-        try:
+        def capture(logits):
             step = CUDAGraphStep(model, cache)
-            logits = step(logits.argmax(-1))  # eager + capture
-            logits = _run_steps(step, logits, 2)
-            row["decode_graph_ms"], logits = time_steps(step, logits, N_DECODE, True)
-        except Exception as e:  # noqa: BLE001 - recorded; the eager time stands
-            row["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print("  graph capture failed:", row["graph_error"])
+            return step, step(logits.argmax(-1))  # eager + capture
+        time_graph_steps(row, capture, logits, "minihalo")
     return row
 
 
@@ -328,7 +337,7 @@ def measure_hf_decode(hf, ids, graphs):
         layer.values[:, :, :C].normal_()
     row["decode_eager_ms"], logits = time_steps(eager, logits, 8, graphs)
     if graphs:
-        try:
+        def capture(logits):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -342,11 +351,8 @@ def measure_hf_decode(hf, ids, graphs):
                 tok.copy_(t[:, None])
                 graph.replay()
                 return static_logits
-            logits = _run_steps(replay, logits, 2)
-            row["decode_graph_ms"], logits = time_steps(replay, logits, N_DECODE, True)
-        except Exception as e:  # noqa: BLE001 - recorded; the eager time stands
-            row["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print("  hf graph capture failed:", row["graph_error"])
+            return replay, logits
+        time_graph_steps(row, capture, logits, "hf")
     return row
 
 

@@ -361,7 +361,10 @@ class GraphedStep:
                 p.copy_(saved)
             for p, st in self.optimizer.state.items():
                 for k, v in st.items():
-                    v.copy_(saved_state[p][k]) if p in saved_state else v.zero_()
+                    if p in saved_state:
+                        v.copy_(saved_state[p][k])
+                    else:
+                        v.zero_()
         self.optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
