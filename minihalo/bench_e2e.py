@@ -8,11 +8,11 @@ vocabulary 151936, tied embeddings), random weights, bf16, batch 1:
 At each context length (4K ... 512K, 1M for the HypeNet) it times
   - prefill: the prompt into a cache, last-position logits only (minihalo: its static cache, one pass or
     --prefill-chunk tokens at a time; transformers: one pass into its DynamicCache);
-  - decode: time per token of the one-token step replayed as a CUDA graph (minihalo: `CUDAGraphStep`;
-    transformers: its StaticCache sized for the run, the step captured by hand with static input,
-    position and mask buffers, the CUDA graph its torch.compile "reduce-overhead" mode would build, without
-    the compiler's kernel fusion: compiling once per context length does not fit this run), and the same
-    step launched eagerly;
+  - decode: time per token of the one-token step replayed as a CUDA graph, on every side compiled by
+    torch.compile first (Inductor fuses the small kernels; `--no-compile` leaves them) and captured by hand
+    (minihalo: `CUDAGraphStep`, which also packs the projections; transformers: its StaticCache sized for the
+    run, static input, position and mask buffers: the graph its "reduce-overhead" mode would build), and the
+    same step launched eagerly without compiling;
   - peak GPU memory of the run (its weights, cache and activations).
 Beside each measured ratio it puts the best ratio the shapes allow: prefill from matmul FLOPs, decode
 from the bytes a step must read (weights + KV cache + Lightning state read and written), and each time
@@ -118,13 +118,20 @@ def run_checks(models, vocab, device, T_check, T_gen):
         model.prefill(ids[:, :-1], cache=cache, chunk_size=chunk)
         step = model(ids[:, -1:], cache=cache)[:, -1]
         out[f"{name}_decode_step_vs_forward"] = rel_err(step, one_pass)
-        # (4) graph-replayed decoding gives eager decoding's tokens
+        # (4) graph-replayed decoding gives eager decoding's tokens (the same kernels: exactly), and compiled
+        # graph steps fed those tokens give the full forward's logits at every step
         if device == "cuda":
+            model.pack_projections()
             prompt = ids[:, :T_gen]
-            a = model.generate(prompt, max_new_tokens=48, cuda_graph=True)[0, T_gen:]
-            b = model.generate(prompt, max_new_tokens=48, cuda_graph=False)[0, T_gen:]
+            b = model.generate(prompt, max_new_tokens=48, cuda_graph=False)
+            a = model.generate(prompt, max_new_tokens=48, cuda_graph=True, compile=False)
             out[f"{name}_graph_tokens_equal_eager"] = bool(torch.equal(a, b))
-            out[f"{name}_graph_eager_same_leading_tokens"] = int((a == b).cumprod(0).sum())
+            cache = model.new_cache(1, T_gen + 48)
+            step = CUDAGraphStep(model, cache, compile=True)
+            model.prefill(prompt, cache=cache)
+            full = model(b[:, :-1], logits_to_keep=47)  # (1, 47, V): the logits after tokens T_gen .. T_gen+46
+            out[f"{name}_compiled_graph_steps_vs_forward"] = max(
+                rel_err(step(b[:, T_gen + i]), full[:, i]) for i in range(47))
     # bf16 logits of a random 28-layer model computed in two orders differ by a few % (transformers vs minihalo
     # on the same weights shows the scale); a wrong position, mask or cache entry gives O(1)
     tol = 0.1
@@ -185,10 +192,10 @@ def sdpa_host_times(device):
     return res
 
 
-def decode_attention_blocks(ceilings):
+def decode_attention_impls(ceilings):
     """decode_attention for one layer of the Transformer at 128K tokens (G = 8 kv heads, H = 16), CUDA-graph
-    replays, per key-block size, beside SDPA's flash kernel on exactly the filled keys (no mask: what a
-    dynamic cache's step runs)."""
+    replays: the Triton kernel, the PyTorch form per key-block size, and SDPA's flash kernel on exactly the
+    filled keys (no mask: what a dynamic cache's step runs)."""
     from minihalo import model as model_module
     from minihalo.bench import bench_graph
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -198,18 +205,20 @@ def decode_attention_blocks(ceilings):
     mask = torch.ones(1, 1, 1, S, dtype=torch.bool, device="cuda")
     kv_bytes = 2 * k.numel() * k.element_size()
     res = {"S": S, "kv_bytes": kv_bytes, "floor_ms": kv_bytes / (ceilings["copy_bandwidth_GBps"] * 1e9) * 1e3}
-    ref = model_module.decode_attention(q, k, v, mask)
+    ref = model_module.decode_attention(q.double(), k.double(), v.double(), mask)  # the PyTorch form in fp64
+    res["triton_ms"] = bench_graph(lambda: model_module.decode_attention(q, k, v, mask, impl="triton"))
+    res["triton_rel_err"] = rel_err(model_module.decode_attention(q, k, v, mask, impl="triton"), ref)
     default = model_module.KV_BLOCK
     for blk in (256, 1024, 4096):
         model_module.KV_BLOCK = blk
-        out = model_module.decode_attention(q, k, v, mask)
-        res[f"block_{blk}_ms"] = bench_graph(lambda: model_module.decode_attention(q, k, v, mask))
-        res[f"block_{blk}_rel_err"] = rel_err(out, ref)
+        out = model_module.decode_attention(q, k, v, mask, impl="torch")
+        res[f"torch_block_{blk}_ms"] = bench_graph(lambda: model_module.decode_attention(q, k, v, mask, impl="torch"))
+        res[f"torch_block_{blk}_rel_err"] = rel_err(out, ref)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         flash = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         res["sdpa_flash_exact_ms"] = bench_graph(
             lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-    res["flash_vs_ours_rel_err"] = rel_err(ref, flash)
+    res["flash_rel_err"] = rel_err(flash, ref)
     model_module.KV_BLOCK = res["block_used"] = default
     # the cost of one tiny kernel inside a graph (an RMSNorm-sized elementwise op): decoding runs ~1000 of them
     x = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
@@ -266,7 +275,7 @@ def time_graph_steps(row, capture, logits, who):
 
 
 @torch.no_grad()
-def measure_minihalo(model, ids, reps, graphs, chunk):
+def measure_minihalo(model, ids, reps, graphs, chunk, compile):
     C = ids.shape[1]
     times = []
     for r in range(reps):
@@ -280,15 +289,19 @@ def measure_minihalo(model, ids, reps, graphs, chunk):
     logits = eager(logits.argmax(-1))  # warm-up
     row["decode_eager_ms"], logits = time_steps(eager, logits, 8, graphs)
     if graphs:
-        def capture(logits):
-            step = CUDAGraphStep(model, cache)
-            return step, step(logits.argmax(-1))  # eager + capture
+        def capture(logits, compile=compile):
+            step = CUDAGraphStep(model, cache, compile)
+            return step, step(logits.argmax(-1))  # warm-up (compiles) + capture
         time_graph_steps(row, capture, logits, "minihalo")
+        if compile and "graph_error" in row:  # the graph of the uncompiled step instead, the failure recorded
+            row["compile_error"] = row.pop("graph_error")
+            time_graph_steps(row, lambda logits: capture(logits, False), logits, "minihalo")
+        row["decode_compiled"] = compile and "compile_error" not in row
     return row
 
 
 @torch.no_grad()
-def measure_hf(hf, ids, reps, graphs, chunk=None):  # chunk: minihalo's option, unused here
+def measure_hf(hf, ids, reps, graphs, chunk, compile):  # chunk: minihalo's option, unused here
     times = []
     for _ in range(reps):
         t, out = timed(lambda: hf(ids, use_cache=True, logits_to_keep=1))
@@ -296,14 +309,14 @@ def measure_hf(hf, ids, reps, graphs, chunk=None):  # chunk: minihalo's option, 
         del out
     row = {"prefill_s": sorted(times)[len(times) // 2]}
     try:
-        row.update(measure_hf_decode(hf, ids, graphs))
+        row.update(measure_hf_decode(hf, ids, graphs, compile))
     except Exception as e:  # noqa: BLE001 - recorded; the prefill time stands
         row["decode_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         print("  hf decode failed:", row["decode_error"])
     return row
 
 
-def measure_hf_decode(hf, ids, graphs):
+def measure_hf_decode(hf, ids, graphs, compile):
     from transformers import StaticCache
     C = ids.shape[1]
     row = {}
@@ -320,16 +333,16 @@ def measure_hf_decode(hf, ids, graphs):
     mask = torch.zeros(1, 1, 1, C + EXTRA, dtype=torch.bool, device=dev)
     mask[..., :C] = True
 
-    def step_fn():
+    def step_fn(forward=hf):
         mask.index_fill_(3, pos, True)
-        out = hf(input_ids=tok, attention_mask=mask, position_ids=pos[None], cache_position=pos,
-                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = forward(input_ids=tok, attention_mask=mask, position_ids=pos[None], cache_position=pos,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
         pos.add_(1)
         return out.logits[:, -1]
 
-    def eager(t):
+    def eager(t, forward=hf):
         tok.copy_(t[:, None])
-        return step_fn()
+        return step_fn(forward)
 
     logits = eager(torch.zeros(1, dtype=torch.long, device=dev))  # allocates the cache's buffers
     for layer in cache.layers:
@@ -338,14 +351,15 @@ def measure_hf_decode(hf, ids, graphs):
     row["decode_eager_ms"], logits = time_steps(eager, logits, 8, graphs)
     if graphs:
         def capture(logits):
+            forward = torch.compile(hf.forward) if compile else hf
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                logits = eager(logits.argmax(-1))
+                logits = eager(logits.argmax(-1), forward)  # (compiles)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_logits = step_fn()
+                static_logits = step_fn(forward)
 
             def replay(t):
                 tok.copy_(t[:, None])
@@ -376,6 +390,7 @@ def main(argv=None):
     p.add_argument("--contexts", default=None, help="comma-separated context lengths (default 4K ... 1M)")
     p.add_argument("--prefill-chunk", type=int, default=0, help="minihalo prefill chunk in tokens (0 = one pass)")
     p.add_argument("--models", default=",".join(NAMES), help=f"comma-separated subset of {NAMES}")
+    p.add_argument("--no-compile", action="store_true", help="decode graphs of uncompiled steps (no kernel fusion)")
     p.add_argument("--smoke", action="store_true", help="a tiny model and short contexts: checks the flow (CPU too)")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -392,7 +407,7 @@ def main(argv=None):
     results = {"device": torch.cuda.get_device_name() if graphs else "cpu", "torch": torch.__version__,
                "transformers": transformers.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": 1,
                "shape": shape, "hypenet_attention_layers": attn_layers, "prefill_chunk": chunk, "kv_block": KV_BLOCK,
-               "decode_steps_timed": N_DECODE, "rows": [], "skipped": []}
+               "decode_steps_timed": N_DECODE, "decode_compiled": not args.no_compile, "rows": [], "skipped": []}
     if graphs:
         import triton
         results["triton"] = triton.__version__
@@ -418,13 +433,14 @@ def main(argv=None):
         results["sdpa_backends"] = sdpa_host_times(device)
         print("sdpa backends:", results["sdpa_backends"])
         try:
-            results["decode_attention"] = decode_attention_blocks(ceilings)
+            results["decode_attention"] = decode_attention_impls(ceilings)
         except Exception as e:  # noqa: BLE001 - recorded; the default block stays
             results["decode_attention"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print("decode attention:", results["decode_attention"])
     save()
 
-    last = {}  # name -> (context, seconds the measurement took)
+    last = {}  # name -> (context, seconds the measurement took, seconds of one prefill)
+    last_reps = {}  # name -> prefills in that measurement
     g = torch.Generator(device=device).manual_seed(2)
     for C in contexts:
         ids = torch.randint(0, shape["vocab_size"], (1, C), device=device, generator=g)
@@ -434,9 +450,9 @@ def main(argv=None):
                                            f"{models['transformer'].config.cache_bytes(C)['total_bytes'] / 1e9:.0f} GB"})
                 continue
             reps = 3 if C <= 32 * KB else 1
-            if name in last:  # predict from the last context: quadratic in the worst case
-                c0, s0 = last[name]
-                predicted = s0 * (C / c0) ** 2 * (reps if C <= 32 * KB else 1)
+            if name in last:  # predict from the last context: prefill quadratic in the worst case, the rest as it was
+                c0, s0, p0 = last[name]
+                predicted = p0 * (C / c0) ** 2 * reps + (s0 - p0 * last_reps[name])
                 if time.perf_counter() - t_start + predicted > args.time_limit:
                     results["skipped"].append({"context": C, "model": name, "why": f"time limit (predicted {predicted:.0f} s)"})
                     print(f"skip {name} at {C}: predicted {predicted:.0f} s")
@@ -448,7 +464,8 @@ def main(argv=None):
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             try:
-                row = (measure_hf if name == "hf" else measure_minihalo)(model, ids, reps, graphs, chunk)
+                row = (measure_hf if name == "hf" else measure_minihalo)(model, ids, reps, graphs, chunk,
+                                                                        not args.no_compile)
             except Exception as e:  # noqa: BLE001 - out of memory, or a failure: recorded, the run goes on
                 results["skipped"].append({"context": C, "model": name, "why": f"{type(e).__name__}: {str(e)[:200]}"})
                 print(f"{name} at {C}: {type(e).__name__}: {str(e)[:200]}")
@@ -456,7 +473,7 @@ def main(argv=None):
             finally:
                 if graphs:
                     torch.cuda.empty_cache()
-            last[name] = (C, time.perf_counter() - t0)
+            last[name], last_reps[name] = (C, time.perf_counter() - t0, row["prefill_s"]), reps
             row = {"context": C, "model": name, **row}
             if graphs:
                 row["peak_GB"] = (torch.cuda.max_memory_allocated() - base + weight_bytes[name]) / 1e9

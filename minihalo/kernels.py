@@ -1,4 +1,4 @@
-"""Triton kernels for Lightning Attention (docs/method.md §2): chunked forward, backward and decode step.
+"""Triton kernels: Lightning Attention (docs/method.md §2; chunked forward, backward, decode step) and decode attention.
 
 Everything here computes the chunkwise form of docs/method.md §2. For one head, chunk n, local positions
 j = 1..C (C = chunk size), Lambda_j = gamma^j and M_C[i, j] = gamma^(i-j) for i >= j else 0:
@@ -26,6 +26,10 @@ where scan(a, b, c) computes out_t = scale * a_t · sum_{s<=t} gamma^(t-s) b_s^T
 forward with (q, k, v) = (a, b, c). The dv scan's final state gives the initial state's gradient.
 
 The decode step (`_lightning_step_kernel`) is the recurrent form for one token, in place.
+
+One kernel serves the softmax-attention layers: `_decode_attention_kernel`, one query token per row over a
+KV cache (a decoding step). Read once, the cache is the whole cost, so the keys are split across the SMs
+(flash-decoding) and each program reads its keys for all the query heads of a GQA group at once.
 
 Shapes: B batch, T time, H heads, K key/query head dim, V value head dim (usually K = V = D).
 q, k: (B, T, H, K); v, o: (B, T, H, V); g_gamma: (H,) log decays <= 0; states (B, H, K, V) fp32.
@@ -177,6 +181,56 @@ def _lightning_step_kernel(
     tl.store(s_ptrs, S, mask=m_s)
     o = scale * tl.sum(q[:, None] * S, axis=0)                                    # o_t = scale * q_t S_t, (BV,)
     tl.store(OUT + i_bh * DV + offs_v, o.to(OUT.dtype.element_ty), mask=mask_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax attention of one new token over a KV cache (the decoding step of an attention layer).
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_attention_kernel(
+    Q, K, V, MASK,            # q (B, G, HG, D); k, v (B, G, S, D); mask (B, S) bool, True = attend; all contiguous
+    O_PART, M_PART, L_PART,   # per split: unnormalized outputs (B, G, NS, HG, D) fp32; row maxima, sums (B, G, NS, HG)
+    scale, S, G, HG, D, NS, KEYS_PER_SPLIT,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Program (i_split, i_bg) attends the HG query heads that share kv head g of row b to the keys of one
+    split: [i_split * KEYS_PER_SPLIT, +KEYS_PER_SPLIT). It streams them in blocks of BLOCK_N keys with an
+    online softmax (a running maximum m, sum l and output acc), so each key and value is read once, by
+    one program, for all HG heads together. The splits are combined afterwards (decode_attention_triton)."""
+    i_split = tl.program_id(0)
+    i_bg = tl.program_id(1)  # b * G + g
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_h = offs_h < HG
+    m_d = offs_d < D
+    q = tl.load(Q + i_bg * HG * D + offs_h[:, None] * D + offs_d[None, :], mask=m_h[:, None] & m_d[None, :],
+                other=0.0)                                                            # (BLOCK_H, BLOCK_D)
+    kv = i_bg.to(tl.int64) * S * D                                                    # this (b, g)'s keys
+    mask_row = MASK + (i_bg // G).to(tl.int64) * S                                    # row b of the mask
+    m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    start = i_split * KEYS_PER_SPLIT
+    for n in range(start, tl.minimum(start + KEYS_PER_SPLIT, S), BLOCK_N):
+        keys = n + offs_n
+        in_range = keys < S
+        k = tl.load(K + kv + keys[:, None] * D + offs_d[None, :], mask=in_range[:, None] & m_d[None, :], other=0.0)
+        v = tl.load(V + kv + keys[:, None] * D + offs_d[None, :], mask=in_range[:, None] & m_d[None, :], other=0.0)
+        allowed = tl.load(mask_row + keys, mask=in_range, other=0) != 0
+        s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)  # (BLOCK_H, BLOCK_N)
+        s = tl.where(allowed[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys so far masked: keep exp() finite
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    part = (i_bg * NS + i_split) * HG + offs_h                                        # (BLOCK_H,) rows of the partials
+    tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc, mask=m_h[:, None] & m_d[None, :])
+    tl.store(M_PART + part, m, mask=m_h)
+    tl.store(L_PART + part, l, mask=m_h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,3 +425,42 @@ def lightning_step_triton(q, k, v, g_gamma, state, scale):
     _lightning_step_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), g, state, o,
                                  float(scale), H, DK, DV, BK=BK, BV=BV, num_warps=4)
     return o
+
+
+DECODE_BLOCK_N = 64  # keys per block of the decode-attention kernel
+
+
+def decode_attention_triton(q, k, v, mask, scale, programs=528):
+    """Softmax attention of one query token per row over a KV cache, split over the keys (flash-decoding).
+
+    q (B, H, D); k, v (B, G, S, D) contiguous, H a multiple of G (query head h reads kv head h // (H/G));
+    mask (B, S) bool, True = attend (each row must allow at least one key). Returns (B, H, D) in q's dtype.
+    One program per (row, kv head, split) reads its keys once for the H/G heads of the group; the splits'
+    partial softmaxes (maximum m, sum l, output acc) are then combined: o = sum_s e^(m_s - M) acc_s /
+    sum_s e^(m_s - M) l_s with M = max_s m_s. About `programs` programs in all (4 per SM of an H200 by default)
+    keep every SM streaming even for one row.
+    """
+    _check_device_and_dtype(q, k, v)
+    B, H, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    if k.shape != (B, G, S, D) or v.shape != k.shape or H % G or mask.shape != (B, S) or mask.dtype != torch.bool:
+        raise ValueError(f"need q (B, H, D), k and v (B, G, S, D) with H a multiple of G, a bool mask (B, S); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(mask.shape)} {mask.dtype}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported; got {D}")
+    HG = H // G
+    # the split plan is arithmetic on S only (no branch on it), so a compiled step can keep S symbolic;
+    # splits past the last key stay empty and drop out in the combination (m = -inf, l = 0)
+    splits = triton.cdiv(programs, B * G)
+    keys_per_split = triton.cdiv(triton.cdiv(S, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    o_part = new_output((B, G, splits, HG, D), torch.float32, q.device)
+    m_part = new_output((B, G, splits, HG), torch.float32, q.device)
+    l_part = new_output((B, G, splits, HG), torch.float32, q.device)
+    _decode_attention_kernel[(splits, B * G)](
+        q.contiguous(), k.contiguous(), v.contiguous(), mask.contiguous(), o_part, m_part, l_part,
+        float(scale), S, G, HG, D, splits, keys_per_split,
+        BLOCK_H=_pow2_at_least_16(HG), BLOCK_N=DECODE_BLOCK_N, BLOCK_D=_pow2_at_least_16(D),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
+    w = torch.exp(m_part - m_part.amax(2, keepdim=True))  # (B, G, splits, HG): a split with no allowed key gets 0
+    o = (w[..., None] * o_part).sum(2) / (w * l_part).sum(2)[..., None]  # (B, G, HG, D)
+    return o.to(q.dtype).view(B, H, D)

@@ -9,7 +9,8 @@ only swaps mixers and copies weights.
 
 Inference: `forward(..., logits_to_keep=)` computes only the logits asked for; `Cache` holds K/V and RNN
 states (dynamic, or static buffers written in place); `prefill` feeds a prompt in chunks; `generate`
-decodes with a static cache and, on a GPU, a step replayed as a CUDA graph (`CUDAGraphStep`).
+decodes with a static cache and, on a GPU, a step replayed as a CUDA graph (`CUDAGraphStep`: the
+projections packed into fewer matmuls, the layers fused by torch.compile).
 
 Shapes: B batch, T time (tokens in this call), S cached + new tokens, d model width,
 H query heads, G key/value heads (GQA), D head dim, V vocabulary.
@@ -135,6 +136,16 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def project(x, linears, packed):
+    """[m(x) for m in linears]: the projections of one input. With `packed`, the linears' weights stacked in
+    one buffer (HybridLM.pack_projections), and no gradient recorded, one matmul reads them all. A decoding
+    step multiplies one vector per row by each matrix: the time is that of reading the weights, and one read
+    of 32 MB runs much closer to the memory bandwidth than four reads of 8 MB."""
+    if packed is None or torch.is_grad_enabled():
+        return [m(x) for m in linears]
+    return F.linear(x, packed).split([m.out_features for m in linears], dim=-1)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -143,9 +154,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.packed = None  # see HybridLM.pack_projections
+
+    def in_projections(self):
+        return [self.gate_proj, self.up_proj]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.in_projections(), self.packed)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Attention(nn.Module):
@@ -165,14 +181,19 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         if cfg.attn_output_gate:
             self.g_proj = nn.Linear(d, H * D, bias=False)
+        self.packed = None  # see HybridLM.pack_projections
+
+    def in_projections(self):
+        return [self.q_proj, self.k_proj, self.v_proj] + ([self.g_proj] if self.cfg.attn_output_gate else [])
 
     def forward(self, x, ctx, cache):
         cfg = self.cfg
         B, T, _ = x.shape
         H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, G, D)  # (B, T, G, D)
-        v = self.v_proj(x).view(B, T, G, D)  # (B, T, G, D)
+        q, k, v, *gate = project(x, self.in_projections(), self.packed)  # gate: [x Wg] or []
+        q = q.view(B, T, H, D)  # (B, T, H, D)
+        k = k.view(B, T, G, D)  # (B, T, G, D)
+        v = v.view(B, T, G, D)  # (B, T, G, D)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.attn_rope:
@@ -192,7 +213,7 @@ class Attention(nn.Module):
                                                    is_causal=ctx.attn_mask is None and T > 1, enable_gqa=True)
         o = o.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         if cfg.attn_output_gate:
-            o = o * torch.sigmoid(self.g_proj(x))
+            o = o * torch.sigmoid(gate[0])
         return self.o_proj(o)
 
 
@@ -217,9 +238,13 @@ def store_kv(cache, k, v, cache_pos):
     return cache["k"], cache["v"]
 
 
-def decode_attention(q, k, v, mask):
+def decode_attention(q, k, v, mask, impl="auto"):
     """Softmax attention of one new token per row over a whole K/V buffer: q (B, H, 1, D); k, v (B, G, S, D);
     mask (B, 1, 1, S) bool, True = attend. Returns (B, H, 1, D).
+
+    impl: "triton" = minihalo.kernels.decode_attention_triton (the keys split over every SM, one pass over
+    K and V in fp32 online softmax); "torch" = the two products below; "auto" = "triton" for CUDA tensors
+    that are not float64.
 
     Two batched matmuls that read each cached key and value once (plus a few passes over the small
     (H, S) score matrix), as the decoding floor requires. GQA without a copy:
@@ -230,6 +255,11 @@ def decode_attention(q, k, v, mask):
     """
     B, H, _, D = q.shape
     G, S = k.shape[1], k.shape[2]
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown impl {impl!r}; expected 'auto', 'torch' or 'triton'")
+    if impl == "triton" or (impl == "auto" and q.is_cuda and q.dtype != torch.float64):
+        from minihalo.kernels import decode_attention_triton
+        return decode_attention_triton(q[:, :, 0], k, v, mask[:, 0, 0], D ** -0.5)[:, :, None]
     qg = q.reshape(B, G, H // G, D)  # (B, G, H/G, D): row j of group g is query head g*(H/G) + j
     acc = torch.promote_types(v.dtype, torch.float32)  # softmax and sums in fp32 (fp64 for fp64 inputs)
     scores = (qg @ k.transpose(-1, -2)).to(acc) * D ** -0.5  # (B, G, H/G, S)
@@ -261,6 +291,7 @@ class Lightning(nn.Module):
             self.o_norm = RMSNorm(H * D, cfg.rms_norm_eps)
         if cfg.lin_output_gate:
             self.z_proj = nn.Linear(d, H * D, bias=False)
+        self.packed = None  # see HybridLM.pack_projections
         # Fixed per-head log decays, the same in every layer (docs/method.md §2): a buffer that follows the
         # model's device but not its dtype (see _apply), and is not saved (it is a function of H).
         self.register_buffer("g_gamma", lightning_decay(H), persistent=False)
@@ -271,13 +302,17 @@ class Lightning(nn.Module):
         self.g_gamma = lightning_decay(self.cfg.num_heads).to(self.g_gamma.device)
         return self
 
+    def in_projections(self):
+        return [self.q_proj, self.k_proj, self.v_proj] + ([self.z_proj] if self.cfg.lin_output_gate else [])
+
     def forward(self, x, ctx, cache):
         cfg = self.cfg
         B, T, _ = x.shape
         H, D = cfg.num_heads, cfg.head_dim
-        q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.kv_heads, D)  # (B, T, H or G, D)
-        v = self.v_proj(x).view(B, T, self.kv_heads, D)
+        q, k, v, *gate = project(x, self.in_projections(), self.packed)  # gate: [x Wz] or []
+        q = q.view(B, T, H, D)  # (B, T, H, D)
+        k = k.view(B, T, self.kv_heads, D)  # (B, T, H or G, D)
+        v = v.view(B, T, self.kv_heads, D)
         if cfg.lin_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.lin_rope:
@@ -305,7 +340,7 @@ class Lightning(nn.Module):
         if cfg.lin_output_norm:
             o = self.o_norm(o)
         if cfg.lin_output_gate:
-            o = o * torch.sigmoid(self.z_proj(x))
+            o = o * torch.sigmoid(gate[0])
         return self.o_proj(o)
 
 
@@ -434,12 +469,19 @@ class CUDAGraphStep:
     step: the static cache gives both (its buffers never move; a step reads its write position from the
     device tensor `cache.index`). The first call runs the step eagerly (Triton compiles its kernels,
     cuBLAS picks its own: neither may happen during capture), then captures.
+
+    Inside the graph the GPU still runs every kernel, about a microsecond each at the least, and reads weights
+    in pieces. So the step is made of fewer, larger kernels first: the model's projections are packed
+    (`pack_projections`: one matmul per group instead of two to four), and with `compile=True` each layer
+    goes through torch.compile for the warm-up and the capture (Inductor fuses the norms, RoPE, gates and
+    residual adds into a few kernels; the matmuls stay cuBLAS's). The compiled code is recorded in the graph;
+    replays run no Python.
     """
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, compile=True):
         if cache.capacity is None:
             raise ValueError("CUDAGraphStep needs a static cache: make it with model.new_cache(batch_size, max_len)")
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.compile = model.pack_projections(), cache, compile
         self.tokens = torch.zeros(cache.mask.shape[0], 1, dtype=torch.long, device=cache.mask.device)  # (B, 1)
         self.graph = self.logits = None
 
@@ -453,17 +495,31 @@ class CUDAGraphStep:
             self.graph.replay()
             self.cache.length += 1  # the host's count; the graph advanced cache.index itself
             return self.logits
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # the warm-up is a real step
-            logits = self.model(self.tokens, cache=self.cache, logits_to_keep=1)[:, -1]  # (B, V)
-        torch.cuda.current_stream().wait_stream(side)
-        length = self.cache.length
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the next step's kernels without running them
-            self.logits = self.model(self.tokens, cache=self.cache, logits_to_keep=1)[:, -1]
-        self.cache.length = length
+        with compiled_layers(self.model) if self.compile else contextlib.nullcontext():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # the warm-up is a real step (and compiles)
+                logits = self.model(self.tokens, cache=self.cache, logits_to_keep=1)[:, -1]  # (B, V)
+            torch.cuda.current_stream().wait_stream(side)
+            length = self.cache.length
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the next step's kernels without running them
+                self.logits = self.model(self.tokens, cache=self.cache, logits_to_keep=1)[:, -1]
+            self.cache.length = length
         return logits
+
+
+@contextlib.contextmanager
+def compiled_layers(model):
+    """Within the block each layer's forward runs through torch.compile. Layers of one kind share the compiled
+    code (the parameters are its inputs); a new cache size compiles once more, with the size symbolic."""
+    for layer in model.layers:
+        layer.forward = torch.compile(layer.forward)  # an instance attribute: nn.Module.__call__ finds it first
+    try:
+        yield
+    finally:
+        for layer in model.layers:
+            del layer.forward
 
 
 class HybridLM(nn.Module):
@@ -522,6 +578,36 @@ class HybridLM(nn.Module):
         h = self.norm(x[:, logits_to_keep])  # (B, T', d)
         return h if output_hidden else self.lm_head(h)  # (B, T', V)
 
+    def _apply(self, fn, recurse=True):
+        """model.to(...) gives every parameter new memory of its own: the packing (pack_projections) is undone."""
+        super()._apply(fn, recurse)
+        for owner in self.projection_owners():
+            owner.packed = None
+        return self
+
+    def projection_owners(self):
+        """The modules whose input projections can be packed: every mixer and every MLP."""
+        return [m for layer in self.layers for m in (layer.mixer, layer.mlp)]
+
+    @torch.no_grad()
+    def pack_projections(self):
+        """Lay the input projections of each mixer (q, k, v and the output gate) and of each MLP (gate, up)
+        back to back in one buffer; the parameters become views of it, so no memory is added and training,
+        optimizers and state dicts see the same parameters. Steps without gradients then read each group
+        with one matmul (see `project`): what decoding needs. `model.to(...)` undoes it. Projections with
+        biases stay as they are. Returns the model."""
+        for owner in self.projection_owners():
+            linears = owner.in_projections()
+            if owner.packed is not None or any(m.bias is not None for m in linears):
+                continue
+            packed = torch.cat([m.weight for m in linears])  # (sum of out_features, in_features)
+            row = 0
+            for m in linears:  # each weight now lives in the packed buffer; its old memory is freed
+                m.weight.data = packed[row:row + m.out_features]
+                row += m.out_features
+            owner.packed = packed
+        return self
+
     def set_query_scale(self, a):
         """Switch the HyPE query scale s_t = log_a(t + a) of the attention layers on (a > 1) or off
         (None). It is part of the config, so save_pretrained keeps it (docs/method.md §4 step 5)."""
@@ -555,14 +641,16 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
-                 eos_token_id=None, pad_token_id=None, generator=None, cuda_graph=None, prefill_chunk=None):
+                 eos_token_id=None, pad_token_id=None, generator=None, cuda_graph=None, compile=True,
+                 prefill_chunk=None):
         """Prompt (B, T), left-padded if rows differ in length, followed by up to `max_new_tokens`
         new tokens (B, T + N). Greedy when temperature == 0, else nucleus sampling. Rows that emitted
         `eos_token_id` continue with `pad_token_id` (default: eos).
         A static cache holds the run: the prompt goes through it in chunks of `prefill_chunk` tokens
         (None = one pass; the chunked form in Lightning layers), then each new token is one step (the
         recurrent form, one cached attention step), replayed as a CUDA graph when `cuda_graph`
-        (default: on for a model on a GPU). Only the logits that are sampled from are computed."""
+        (default: on for a model on a GPU; `compile`: its layers fused by torch.compile, see CUDAGraphStep).
+        Only the logits that are sampled from are computed."""
         if attention_mask is not None:
             m = attention_mask.long()
             if bool((m[:, 1:] < m[:, :-1]).any()):
@@ -579,7 +667,10 @@ class HybridLM(nn.Module):
         B, T = input_ids.shape
         cache = self.new_cache(B, T + max_new_tokens)
         logits = self.prefill(input_ids, attention_mask, cache, prefill_chunk)  # (B, V)
-        step = CUDAGraphStep(self, cache) if cuda_graph else (lambda tok: self(tok[:, None], cache=cache)[:, -1])
+        if cuda_graph:
+            step = CUDAGraphStep(self, cache, compile)
+        else:
+            step = lambda tok: self(tok[:, None], cache=cache)[:, -1]  # noqa: E731
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new = []
         for i in range(max_new_tokens):
@@ -601,7 +692,9 @@ class HybridLM(nn.Module):
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(self.config.to_dict(), f, indent=2)
-        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        # a packed weight is a view of a larger buffer (pack_projections); safetensors stores whole tensors
+        state = {k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v.contiguous()
+                 for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # the same tensor as the embeddings
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -196,3 +196,73 @@ def test_generate_computes_no_full_logits():
     shapes.clear()
     model.generate(ids, max_new_tokens=2, prefill_chunk=1000)
     assert shapes == [(1, 1, 50_000)] * 6  # five prompt chunks (last logits each) and one step
+
+
+@pytest.mark.parametrize("layout", ["transformer", "hypenet", "all_lightning"])
+def test_packed_projections_alias_the_parameters(layout, tmp_path):
+    """pack_projections: the same parameters (views of one buffer per group, no copy kept), the same logits,
+    the same gradients; a change to a parameter reaches the packed matmul; to() and save/load undo it cleanly."""
+    model = model_for(layout).double()
+    ref = model_for(layout).double()
+    ids = torch.randint(0, V, (2, 19), generator=torch.Generator().manual_seed(4))
+    params = dict(model.named_parameters())
+    n_bytes = sum(p.untyped_storage().nbytes() for p in params.values())
+    model.pack_projections()
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    for owner in model.projection_owners():
+        linears = owner.in_projections()
+        assert owner.packed is not None and len(linears) >= 2
+        assert linears[0].weight.data_ptr() == owner.packed.data_ptr()
+        assert all(m.weight.untyped_storage().data_ptr() == owner.packed.untyped_storage().data_ptr() for m in linears)
+    assert sum(owner.packed.nbytes for owner in model.projection_owners()) + sum(
+        p.untyped_storage().nbytes() for n, p in params.items() if not n.endswith(("q_proj.weight", "k_proj.weight",
+        "v_proj.weight", "g_proj.weight", "z_proj.weight", "gate_proj.weight", "up_proj.weight"))) == n_bytes
+    with torch.no_grad():  # the packed matmul (no gradient recorded)
+        assert rel_err(model(ids), ref(ids)) < 1e-12
+        model.layers[1].mixer.v_proj.weight.mul_(-2)  # an in-place update (an optimizer step) reaches it
+        ref.layers[1].mixer.v_proj.weight.mul_(-2)
+        assert rel_err(model(ids), ref(ids)) < 1e-12
+    model(ids).square().mean().backward()  # with gradients: the separate matmuls
+    ref(ids).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, dict(ref.named_parameters())[name].grad) < 1e-12, name
+    model.save_pretrained(tmp_path)
+    loaded = mh.HybridLM.from_pretrained(tmp_path)
+    model.float()  # new memory per parameter: unpacked
+    assert all(owner.packed is None for owner in model.projection_owners())
+    with torch.no_grad():
+        assert rel_err(loaded(ids), ref(ids)) < 1e-12
+        assert rel_err(model(ids), ref(ids)) < 1e-5
+
+
+def test_packed_projections_skip_biases():
+    torch.manual_seed(0)
+    cfg = mh.HybridConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2, num_kv_heads=1,
+                          head_dim=16, layer_types=["attention", "lightning"], attention_bias=True)
+    model = mh.HybridLM(cfg).double().eval()
+    ids = torch.randint(0, V, (1, 9))
+    with torch.no_grad():
+        before = model(ids)
+        model.pack_projections()
+        assert [m.packed is None for m in model.projection_owners()] == [True, False, True, False]  # mixer, MLP, ...
+        assert rel_err(model(ids), before) < 1e-12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and compiled Triton kernels need a GPU")
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("layout", ["transformer", "hypenet"])
+def test_cuda_graph_decoding_equals_eager(layout, compile):
+    """The step replayed as a CUDA graph gives the full forward's logits at every step; uncompiled, generate
+    with it gives exactly the tokens of eager steps (the same kernels; compiled ones round differently)."""
+    model = model_for(layout).cuda().pack_projections()
+    ids = torch.randint(1, V, (2, 40), generator=torch.Generator().manual_seed(5)).cuda()
+    eager = model.generate(ids, max_new_tokens=20, cuda_graph=False)
+    if not compile:
+        assert torch.equal(model.generate(ids, max_new_tokens=20, cuda_graph=True, compile=False), eager)
+    cache = model.new_cache(2, 64)
+    step = mh.model.CUDAGraphStep(model, cache, compile)
+    model.prefill(eager[:, :40], cache=cache)
+    with torch.no_grad():
+        full = model(eager[:, :59])  # (2, 59, V)
+    for i in range(40, 59):
+        assert rel_err(step(eager[:, i]), full[:, i]) < 1e-4, i

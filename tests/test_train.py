@@ -148,15 +148,23 @@ def test_cuda_graph_training_equals_eager(tmp_path, layers):
     TRITON_INTERPRET=1 (conftest), which a CUDA graph cannot capture."""
     hc = HybridConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
                       num_kv_heads=2, head_dim=16, layer_types=layers, lin_impl="chunk")
-    data = lambda i: torch.randint(0, 64, (8, 65), generator=torch.Generator().manual_seed(i))  # noqa: E731
+    def data(i):  # learnable: each row counts up (mod 64) from a random start
+        start = torch.randint(0, 64, (8, 1), generator=torch.Generator().manual_seed(i))
+        return (start + torch.arange(65)) % 64
     runs = {}
     for name, graph in [("eager", False), ("graph", True), ("graph_resumed", True)]:
         torch.manual_seed(0)
         model = HybridLM(hc).cuda()
         c = cfg(steps=40, grad_accum=1, warmup_steps=5, lr=3e-3, cuda_graph=graph, ckpt_every=20,
                 ckpt_dir=str(tmp_path / name))
-        if name == "graph_resumed":
-            train(model, data, TrainConfig(**{**c.__dict__, "steps": 20}))  # stop at 20, then continue to 40
+        if name == "graph_resumed":  # killed after the checkpoint of step 20, resumed by a fresh model
+            def killed(i):
+                if i == 25:
+                    raise KeyboardInterrupt("simulated kill")
+                return data(i)
+            with pytest.raises(KeyboardInterrupt):
+                train(model, killed, c)
+            model = HybridLM(hc).cuda()
         runs[name] = (train(model, data, c), model)
     (h0, m0), (h1, m1), (h2, m2) = runs.values()
     assert h0["lr"] == pytest.approx(h1["lr"]) and h0["lr"] == pytest.approx(h2["lr"])
