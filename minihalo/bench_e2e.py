@@ -20,7 +20,8 @@ as a multiple of its own floor (FLOPs / measured bf16 matmul rate, bytes / measu
 
 Checks, before any timing: transformers and the minihalo Transformer give the same logits; chunked
 prefill gives one pass's last logits; a decode step gives the full forward's logits; graph-replayed
-decoding gives the same tokens as eager decoding. Writes JSON (--out) after every measurement and
+decoding gives the same tokens as eager decoding, and the compiled graph step the full forward's logits at
+every step. Writes JSON (--out) after every measurement and
 prints a table last. `--smoke` runs the whole flow on a tiny model (on CPU too: no graphs, no ceilings).
 """
 import argparse
