@@ -202,9 +202,9 @@ def _decode_attention_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    m_h = offs_h < HG
-    m_d = offs_d < D
-    q = tl.load(Q + i_bg * HG * D + offs_h[:, None] * D + offs_d[None, :], mask=m_h[:, None] & m_d[None, :],
+    mask_h = offs_h < HG
+    mask_d = offs_d < D
+    q = tl.load(Q + i_bg * HG * D + offs_h[:, None] * D + offs_d[None, :], mask=mask_h[:, None] & mask_d[None, :],
                 other=0.0)                                                            # (BLOCK_H, BLOCK_D)
     kv = i_bg.to(tl.int64) * S * D                                                    # this (b, g)'s keys
     mask_row = MASK + (i_bg // G).to(tl.int64) * S                                    # row b of the mask
@@ -215,8 +215,8 @@ def _decode_attention_kernel(
     for n in range(start, tl.minimum(start + KEYS_PER_SPLIT, S), BLOCK_N):
         keys = n + offs_n
         in_range = keys < S
-        k = tl.load(K + kv + keys[:, None] * D + offs_d[None, :], mask=in_range[:, None] & m_d[None, :], other=0.0)
-        v = tl.load(V + kv + keys[:, None] * D + offs_d[None, :], mask=in_range[:, None] & m_d[None, :], other=0.0)
+        k = tl.load(K + kv + keys[:, None] * D + offs_d[None, :], mask=in_range[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(V + kv + keys[:, None] * D + offs_d[None, :], mask=in_range[:, None] & mask_d[None, :], other=0.0)
         allowed = tl.load(mask_row + keys, mask=in_range, other=0) != 0
         s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)  # (BLOCK_H, BLOCK_N)
         s = tl.where(allowed[None, :], s, float("-inf"))
@@ -228,9 +228,9 @@ def _decode_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     part = (i_bg * NS + i_split) * HG + offs_h                                        # (BLOCK_H,) rows of the partials
-    tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc, mask=m_h[:, None] & m_d[None, :])
-    tl.store(M_PART + part, m, mask=m_h)
-    tl.store(L_PART + part, l, mask=m_h)
+    tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc, mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(M_PART + part, m, mask=mask_h)
+    tl.store(L_PART + part, l, mask=mask_h)
 
 
 # ---------------------------------------------------------------------------------------------
