@@ -31,7 +31,7 @@ import time
 import torch
 
 import minihalo as mh
-from minihalo.model import KV_BLOCK, CUDAGraphStep
+from minihalo.decoding import KV_BLOCK, CUDAGraphStep
 from minihalo.ops import rel_err
 
 KB = 1024
@@ -197,7 +197,7 @@ def decode_attention_impls(ceilings):
     """decode_attention for one layer of the Transformer at 128K tokens (G = 8 kv heads, H = 16), CUDA-graph
     replays: the Triton kernel, the PyTorch form per key-block size, and SDPA's flash kernel on exactly the
     filled keys (no mask: what a dynamic cache's step runs)."""
-    from minihalo import model as model_module
+    from minihalo import decoding
     from minihalo.bench import bench_graph
     from torch.nn.attention import SDPBackend, sdpa_kernel
     S = 128 * KB + 4096  # a multiple of every block size tried
@@ -206,21 +206,21 @@ def decode_attention_impls(ceilings):
     mask = torch.ones(1, 1, 1, S, dtype=torch.bool, device="cuda")
     kv_bytes = 2 * k.numel() * k.element_size()
     res = {"S": S, "kv_bytes": kv_bytes, "floor_ms": kv_bytes / (ceilings["copy_bandwidth_GBps"] * 1e9) * 1e3}
-    ref = model_module.decode_attention(q.double(), k.double(), v.double(), mask)  # the PyTorch form in fp64
-    res["triton_ms"] = bench_graph(lambda: model_module.decode_attention(q, k, v, mask, impl="triton"))
-    res["triton_rel_err"] = rel_err(model_module.decode_attention(q, k, v, mask, impl="triton"), ref)
-    default = model_module.KV_BLOCK
+    ref = decoding.decode_attention(q.double(), k.double(), v.double(), mask)  # the PyTorch form in fp64
+    res["triton_ms"] = bench_graph(lambda: decoding.decode_attention(q, k, v, mask, impl="triton"))
+    res["triton_rel_err"] = rel_err(decoding.decode_attention(q, k, v, mask, impl="triton"), ref)
+    default = decoding.KV_BLOCK
     for blk in (256, 1024, 4096):
-        model_module.KV_BLOCK = blk
-        out = model_module.decode_attention(q, k, v, mask, impl="torch")
-        res[f"torch_block_{blk}_ms"] = bench_graph(lambda: model_module.decode_attention(q, k, v, mask, impl="torch"))
+        decoding.KV_BLOCK = blk
+        out = decoding.decode_attention(q, k, v, mask, impl="torch")
+        res[f"torch_block_{blk}_ms"] = bench_graph(lambda: decoding.decode_attention(q, k, v, mask, impl="torch"))
         res[f"torch_block_{blk}_rel_err"] = rel_err(out, ref)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         flash = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         res["sdpa_flash_exact_ms"] = bench_graph(
             lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
     res["flash_rel_err"] = rel_err(flash, ref)
-    model_module.KV_BLOCK = res["block_used"] = default
+    decoding.KV_BLOCK = res["block_used"] = default
     # the cost of one tiny kernel inside a graph (an RMSNorm-sized elementwise op): decoding runs ~1000 of them
     x = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
 

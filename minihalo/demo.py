@@ -11,7 +11,7 @@ two by context length. Every step checkpoints; rerunning resumes. For more knobs
 import argparse
 import json
 
-from minihalo.halo import preset_config, run
+from minihalo.pipeline import preset_config, run
 
 
 def main(argv=None):

@@ -1,8 +1,4 @@
-"""HALO: distil a pretrained Transformer into a HypeNet hybrid (docs/method.md §4), as a library and a CLI.
-
-    python -m minihalo.halo --preset tiny                 # the whole pipeline on a CPU in minutes
-    python -m minihalo.halo --preset small --out runs/s1  # one GPU, longer runs
-    python -m minihalo.halo --out runs/s1 --stages distill,finetune,scale,report   # resume / redo stages
+"""HALO: distil a pretrained Transformer into a HypeNet hybrid (docs/method.md §4): the method, step by step.
 
 The steps (docs/method.md §4; the paper calls steps 1, 3, 4 its stages 1, 2, 3):
 
@@ -15,28 +11,21 @@ The steps (docs/method.md §4; the paper calls steps 1, 3, 4 its stages 1, 2, 3)
 | 4    | finetune | stage3_finetune           | the whole student | next-token CE at a longer context   |
 | 5    | scale    | pick_query_scale          | —                 | LM loss on long held-out documents  |
 
-Every training step goes through minihalo.train.train (exact resume from a checkpoint, NaN guard,
-tqdm bar). The run folder:
-
-    config.json                     the HaloConfig
-    align/, distill/, finetune/     ckpt/last.pt (resumable), history.jsonl, stats.json, model/ (the result)
-    align/layers.jsonl              the per-layer alignment MSE of every batch
-    select.json, scale.json         the layer scores and choice; the query-scale grid
-    hybrid/                         the final HypeNet (HybridLM.from_pretrained), query scale in its config
-    report.md, report.json, *.png   teacher vs HypeNet by context length, layer scores, cost
-
-A step whose model/ exists is not redone (delete the folder to redo it); a step reads the previous
-step's model/ from the folder, so steps can run alone. `run(HaloConfig(...))` is the same from Python.
+Every training step goes through minihalo.train.train (exact resume from a checkpoint, NaN guard, tqdm bar).
 At toy scale the paper's benchmarks are at chance, so layer selection uses proxies (docs/method.md §4
 step 2): recall = needle-in-a-haystack accuracy, commonsense = exp(-held-out NLL).
 
+The whole pipeline into a run folder, with its report, is minihalo.pipeline (`HaloConfig`, `run`), also on the
+command line:
+
+    python -m minihalo.halo --preset tiny                 # the whole pipeline on a CPU in minutes
+    python -m minihalo.halo --help                        # every option, with each preset's value
+
 Shapes: B batch, T tokens, N = B*T rows, d model width, V vocabulary, L layers.
 """
-import argparse
 import json
 import math
-import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +34,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minihalo.convert import LIGHTNING_OPTIONS, from_hf, to_hypenet
-from minihalo.data import ByteTokenizer, HFTokenizer, PackedBatches, TokenFile, prepare
-from minihalo.evaluate import (heldout_windows, niah_accuracy, niah_grid, perplexity_by_length,
-                               plot_niah_heatmap, token_nll)
+from minihalo.evaluate import heldout_windows, niah_accuracy, token_nll
 from minihalo.model import Context, HybridLM
-from minihalo.tasks import niah_training_rows
 from minihalo.train import TrainConfig, train
 
 TOY_TEACHER = Path(__file__).resolve().parent.parent / "data" / "toy_teacher"  # present in a repository checkout
-STEPS = ("align", "select", "distill", "finetune", "scale", "report")
+STEPS = ("align", "select", "distill", "finetune", "scale", "report")  # the pipeline's steps, in order
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,412 +328,15 @@ def pick_query_scale(model, loss_fn, grid, niah_fn=None):
     return best, table
 
 
-# --------------------------------------------------------------------------------------------
-# The pipeline: configuration, presets, run folder
-# --------------------------------------------------------------------------------------------
-@dataclass
-class HaloConfig:
-    out: str = "runs/halo"            # the run folder
-    teacher: str = "toy"              # see load_teacher
-    teacher_steps: int = None         # --teacher toy-scratch: pretraining steps (default: the preset's)
-    tokenizer: str = "byte"           # "byte", or a transformers tokenizer (folder or hub id) for such a teacher
-    data_dir: str = None              # a prepared corpus (minihalo.data.prepare); default: english, `tokenizer`
-    stages: tuple = STEPS             # which steps to run (names of STEPS)
-    device: str = None                # default: cuda if available
-    seed: int = 0
-    progress: bool = True
-    # step 1
-    steps_align: int = 150
-    lr_align: float = 1e-3
-    batch_align: int = 16
-    # step 2
-    k: int = None                     # attention layers to keep (default floor(L/4))
-    attn_ratio: float = None          # or a share of L
-    attn_layers: list = None          # or fixed layers (skips the choice)
-    selection: str = "halo"           # "halo", "recall_drop" or "even"
-    select_samples: int = 40          # NIAH prompts per swapped model
-    # step 3
-    steps_distill: int = 400
-    lr_distill: float = 3e-3
-    batch_distill: int = 16
-    seq_len: int = None               # steps 1 and 3 (default: the teacher's training length)
-    chunk_rows: int = 1024
-    retrieval_share: float = 0.4      # share of needle-retrieval rows in the training batches
-    copy_share: float = 0.25          # share of copy rows (see minihalo.teacher.teacher_batches)
-    # step 4
-    finetune_lengths: list = field(default_factory=lambda: [256])
-    steps_finetune: int = 100
-    lr_finetune: float = 3e-5
-    finetune_tokens_per_batch: int = 4096
-    warmup_steps: int = 20
-    # step 5 and the report
-    a_grid: list = field(default_factory=lambda: [16, 64, 256, 1024, 4096])
-    scale_length: int = 512           # long held-out text for the loss that picks a
-    eval_lengths: list = field(default_factory=lambda: [128, 256, 512, 1024])
-    eval_samples: int = 10            # NIAH prompts per (length, depth) cell
-    eval_windows: int = 8             # held-out windows per length (perplexity)
-    preset: str = None
-
-
-PRESETS = {
-    # A CPU: 0.3M + 0.8M + 0.4M training tokens; the whole pipeline with its report took 6.2 CPU-minutes
-    # (user time, one thread, on a busy 2-core CPU); wall time on 2 idle cores is not timed yet.
-    "tiny": dict(),
-    # One GPU: 2.0M + 4.9M + 9.8M training tokens (align, distill, finetune). On one NVIDIA H200 the whole
-    # run took 174 s (notebooks/results/halo_small.json): perplexity at T within 4% of the teacher's, NIAH
-    # 89% at 4T where the teacher has 0%.
-    "small": dict(steps_align=500, batch_align=32, steps_distill=1200, batch_distill=32,
-                  finetune_lengths=[256, 512], steps_finetune=300, finetune_tokens_per_batch=16384,
-                  select_samples=100, eval_samples=40, eval_windows=32, scale_length=1024,
-                  eval_lengths=[128, 256, 512, 1024, 2048]),
-}
-
-
-def preset_config(preset="tiny", **changes):
-    """A HaloConfig from a preset with some fields changed."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    names = {f.name for f in fields(HaloConfig)}
-    unknown = sorted(set(changes) - names)
-    if unknown:
-        raise ValueError(f"unknown HaloConfig fields {unknown}")
-    return HaloConfig(**{**PRESETS[preset], **changes, "preset": preset})
-
-
-class Run:
-    """The run folder and what the steps share: the teacher, the data, the device."""
-
-    def __init__(self, cfg: HaloConfig):
-        bad = sorted(set(cfg.stages) - set(STEPS))
-        if bad:
-            raise ValueError(f"unknown stages {bad}; expected some of {STEPS}")
-        if cfg.selection not in ("halo", "recall_drop", "even"):
-            raise ValueError(f"selection must be 'halo', 'recall_drop' or 'even'; got {cfg.selection!r}")
-        self.cfg, self.dir = cfg, Path(cfg.out)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.teacher = load_teacher(cfg.teacher, self.device, self.dir, cfg.teacher_steps).eval()
-        self.teacher.requires_grad_(False)
-        self.T = cfg.seq_len or self.teacher.config.max_position_embeddings
-        self.tok = ByteTokenizer() if cfg.tokenizer == "byte" else HFTokenizer(cfg.tokenizer)
-        self.data_dir = cfg.data_dir or prepare("english", self.tok)
-        self.val = TokenFile(self.data_dir, "val")
-        if self.val.vocab_size > self.teacher.config.vocab_size:
-            raise ValueError(f"the corpus in {self.data_dir} has vocabulary {self.val.vocab_size}, the teacher "
-                             f"{self.teacher.config.vocab_size}; pass the teacher's tokenizer (--tokenizer)")
-
-    def batches(self, seq_len, batch_size):
-        """Training batches by step: corpus windows, with needle-retrieval and copy rows mixed in
-        (minihalo.teacher.teacher_batches: built from bytes, so for the byte tokenizer only)."""
-        from minihalo.teacher import teacher_batches
-        c = self.cfg
-        if not isinstance(self.tok, ByteTokenizer):
-            return PackedBatches(TokenFile(self.data_dir, "train"), seq_len, batch_size, c.seed)
-        return teacher_batches(self.data_dir, seq_len, batch_size, c.retrieval_share, c.copy_share, (4, 16), c.seed)
-
-    def train_cfg(self, step, steps, lr, **kw):
-        c = self.cfg
-        return TrainConfig(steps=steps, lr=lr, min_lr=lr / 100, warmup_steps=min(c.warmup_steps, steps // 2),
-                           seed=c.seed, progress=c.progress, ckpt_dir=str(self.dir / step / "ckpt"),
-                           ckpt_every=max(1, steps // 4), **kw)
-
-    def saved(self, step):
-        """The model a finished step saved, or None."""
-        path = self.dir / step / "model"
-        return HybridLM.from_pretrained(str(path), device=self.device) if (path / "config.json").is_file() else None
-
-    def need(self, step):
-        model = self.saved(step)
-        if model is None:
-            raise ValueError(f"{self.dir / step / 'model'} does not exist: run the step '{step}' first "
-                             f"(--stages {step},...) with --out {self.dir}")
-        return model
-
-    def finish(self, step, model, history, seconds, tokens):
-        folder = self.dir / step
-        write_jsonl(folder / "history.jsonl", [{"step": s, "loss": l, "lr": r} for s, l, r in
-                                               zip(history["step"], history["loss"], history["lr"])])
-        stats = {"seconds": seconds, "tokens": tokens, "tokens_per_s": history["tokens_per_s"],
-                 "final_loss": history["loss"][-1] if history["loss"] else None}
-        (folder / "stats.json").write_text(json.dumps(stats, indent=1))
-        model.save_pretrained(str(folder / "model"))
-        return model
-
-    # ---- the steps -----------------------------------------------------------------------
-    def align(self):
-        c = self.cfg
-        (self.dir / "align").mkdir(exist_ok=True)
-        t0 = time.perf_counter()
-        model, hist, _ = stage1_align(self.teacher, self.batches(self.T, c.batch_align),
-                                      self.train_cfg("align", c.steps_align, c.lr_align),
-                                      log_path=self.dir / "align" / "layers.jsonl")
-        return self.finish("align", model, hist, time.perf_counter() - t0, c.steps_align * c.batch_align * self.T)
-
-    def select(self):
-        c, L = self.cfg, self.teacher.config.num_layers
-        k = num_attention_layers(L, c.k, c.attn_ratio)
-        result = {"k": k, "rule": c.selection}
-        t0 = time.perf_counter()
-        if c.attn_layers is not None:
-            result.update(rule="given", layers=sorted(c.attn_layers))
-        else:
-            csr_fn = lm_score(self.val, self.T, c.eval_windows * 2)
-            recall_fn = niah_recall(self.tok, self.val.tokens, self.T, c.select_samples)
-            scores = score_swapped_models(self.teacher, self.need("align"), csr_fn, recall_fn, c.progress)
-            result.update(scores, halo_scores=selection_scores(scores["csr"], scores["recall"]),
-                          halo=select_attention_layers(scores["csr"], scores["recall"], k),
-                          recall_drop=recall_drop_layers(scores["recall"], scores["teacher"]["recall"], k),
-                          even=evenly_spaced_layers(L, k))
-            result["layers"] = result[c.selection]
-        result["seconds"] = time.perf_counter() - t0
-        (self.dir / "select.json").write_text(json.dumps(result, indent=1))
-        print(f"attention layers: {result['layers']} ({result['rule']})")
-        return result
-
-    def layers(self):
-        path = self.dir / "select.json"
-        if not path.is_file():
-            raise ValueError(f"{path} does not exist: run the step 'select' first")
-        return json.loads(path.read_text())["layers"]
-
-    def distill(self):
-        c = self.cfg
-        t0 = time.perf_counter()
-        model, hist = stage2_distill(self.teacher, self.need("align"), self.layers(),
-                                     self.batches(self.T, c.batch_distill),
-                                     self.train_cfg("distill", c.steps_distill, c.lr_distill), c.chunk_rows)
-        return self.finish("distill", model, hist, time.perf_counter() - t0,
-                           c.steps_distill * c.batch_distill * self.T)
-
-    def finetune(self):
-        c = self.cfg
-        model = self.need("distill")
-        schedule = [(self.batches(T, max(1, c.finetune_tokens_per_batch // T)), T) for T in c.finetune_lengths]
-        cfg = lambda T: replace(self.train_cfg(f"finetune/len{T}", c.steps_finetune, c.lr_finetune),  # noqa: E731
-                                schedule="constant")
-        t0 = time.perf_counter()
-        hists = stage3_finetune(model, schedule, cfg)
-        hist = {k: sum((h[k] for h in hists.values()), []) for k in ("step", "loss", "lr")}
-        hist["tokens_per_s"] = float(np.mean([h["tokens_per_s"] for h in hists.values()]))
-        tokens = sum(c.steps_finetune * max(1, c.finetune_tokens_per_batch // T) * T for T in c.finetune_lengths)
-        return self.finish("finetune", model, hist, time.perf_counter() - t0, tokens)
-
-    def long_documents(self, length, n, seed=11):
-        """(2n, length + 1) held-out rows for the loss that picks `a`: n windows of validation text and n
-        retrieval documents built from it (needles, then their questions and answers: at toy scale
-        these rows are where the attention layers, and so s_t, matter)."""
-        text = heldout_windows(self.val, length, n, seed)
-        rng = np.random.default_rng([seed, length])
-        return np.concatenate([text, niah_training_rows(self.tok, length, self.val.tokens, rng, n).numpy()])
-
-    def scale(self):
-        c = self.cfg
-        model = (self.saved("finetune") or self.need("distill")).eval()
-        docs = self.long_documents(c.scale_length, c.eval_windows)
-        loss = lambda m: token_nll(m, docs, batch_size=2).mean().item()  # noqa: E731
-        recall = niah_recall(self.tok, self.val.tokens, c.scale_length, c.eval_samples * 2, seed=13)
-        t0 = time.perf_counter()
-        a, table = pick_query_scale(model, loss, c.a_grid, recall)
-        (self.dir / "scale.json").write_text(json.dumps(
-            {"a": a, "table": [{"a": k, **v} for k, v in table.items()], "length": c.scale_length,
-             "seconds": time.perf_counter() - t0}, indent=1))
-        model.save_pretrained(str(self.dir / "hybrid"))
-        print(f"HyPE query scale: a = {a}; the HypeNet is in {self.dir / 'hybrid'}")
-        return model
-
-    def report(self):
-        return write_report(self)
-
-
-# --------------------------------------------------------------------------------------------
-# The report
-# --------------------------------------------------------------------------------------------
-DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def evaluate_lengths(model, run):
-    """Held-out perplexity and a NIAH grid (lengths x DEPTHS) at cfg.eval_lengths."""
-    c = run.cfg
-    ppl = perplexity_by_length(model, run.val, c.eval_lengths, num_windows=c.eval_windows, batch_size=2)
-    grid = niah_grid(model, run.tok, c.eval_lengths, list(DEPTHS), c.eval_samples, seed=3, batch_size=4,
-                     progress=c.progress, variant="single_2", filler=run.val.tokens)
-    return {"perplexity": {str(k): v for k, v in ppl.items()}, "niah_grid": grid.tolist(),
-            "niah": {str(L): float(np.mean(row)) for L, row in zip(c.eval_lengths, grid)}}
-
-
-def write_report(run):
-    """report.json, report.md and figures (PNG) in the run folder: teacher vs HypeNet by length,
-    the layer choice, parameters, decoding memory, and tokens and wall time per step."""
-    import platform
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c, d = run.cfg, run.dir
-    hybrid = HybridLM.from_pretrained(str(d / "hybrid"), device=run.device) if (d / "hybrid").is_dir() \
-        else (run.saved("finetune") or run.need("distill"))
-    models = {"teacher": run.teacher.eval(), "hypenet": hybrid.eval()}
-    t0 = time.perf_counter()
-    evals = {name: evaluate_lengths(m, run) for name, m in models.items()}
-    long = 4 * run.T
-    rep = {"device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else
-           f"CPU, {torch.get_num_threads()} thread(s)", "torch": torch.__version__,
-           "python": platform.python_version(), "train_length": run.T, "config": asdict(c), "eval": evals,
-           "layer_types": hybrid.config.layer_types, "query_scale_a": hybrid.config.attn_scale_a,
-           "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
-           "cache_bytes": {n: {str(L): m.config.cache_bytes(L, dtype=torch.float32) for L in (long, 131072)}
-                           for n, m in models.items()},
-           "steps": {s: json.loads((d / s / "stats.json").read_text()) for s in STEPS
-                     if (d / s / "stats.json").is_file()}}
-    for name in ("select", "scale"):
-        if (d / f"{name}.json").is_file():
-            rep[name] = json.loads((d / f"{name}.json").read_text())
-    ppl_t, ppl_h = evals["teacher"]["perplexity"], evals["hypenet"]["perplexity"]
-    rep["quality"] = {"perplexity_ratio_at_train_length": ppl_h[str(run.T)] / ppl_t[str(run.T)]
-                      if str(run.T) in ppl_t else None,
-                      f"niah_at_{long}": {n: e["niah"].get(str(long)) for n, e in evals.items()}}
-    rep["eval_seconds"] = time.perf_counter() - t0
-    (d / "report.json").write_text(json.dumps(rep, indent=1, default=str))
-    _figures(rep, c, run.T, d, plt)
-    (d / "report.md").write_text(_markdown(rep, c, run.T))
-    return rep
-
-
-def _figures(rep, c, T, d, plt):
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, e in rep["eval"].items():
-        ax.plot(c.eval_lengths, [e["perplexity"][str(L)] for L in c.eval_lengths], "o-", label=name)
-    ax.axvline(T, color="gray", ls="--", lw=1, label="teacher's training length")
-    ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="held-out perplexity",
-           title="Perplexity by context length")
-    ax.minorticks_off()
-    ax.set_xticks(c.eval_lengths, [str(L) for L in c.eval_lengths])
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(d / "perplexity.png", dpi=120)
-    fig, axes = plt.subplots(1, 2, figsize=(2 + 1.6 * len(c.eval_lengths), 3.2))
-    for ax, (name, e) in zip(axes, rep["eval"].items()):
-        plot_niah_heatmap(e["niah_grid"], c.eval_lengths, list(DEPTHS), ax=ax, train_length=T,
-                          title=f"{name}: NIAH accuracy (%)")
-    fig.tight_layout()
-    fig.savefig(d / "niah.png", dpi=120)
-    if "halo_scores" in rep.get("select", {}):
-        sel = rep["select"]
-        layers = sorted(int(i) for i in sel["halo_scores"])
-        fig, ax = plt.subplots(figsize=(1.5 + 0.5 * len(layers), 3))
-        ax.bar(layers, [sel["halo_scores"][str(i)] for i in layers],
-               color=["C3" if i in sel["layers"] else "C0" for i in layers])
-        ax.set(xlabel="layer i", ylabel="score s_i (clipped at 50)", yscale="symlog", xticks=layers,
-               title=f"Layer selection: attention kept in {sel['layers']} (red)")
-        fig.tight_layout()
-        fig.savefig(d / "layer_scores.png", dpi=120)
-    plt.close("all")
-
-
-def _markdown(rep, c, T):
-    e, q = rep["eval"], rep["quality"]
-    lines = [f"# HALO run ({c.preset or 'custom'} preset)", "",
-             f"Device: {rep['device']}; torch {rep['torch']}. Teacher: {c.teacher}; training length T = {T}.",
-             f"HypeNet layers: {' '.join('A' if t == 'attention' else 'L' for t in rep['layer_types'])} "
-             f"(A attention, NoPE; L Lightning, RoPE); HyPE query scale a = {rep['query_scale_a']}.", "",
-             "| context length | " + " | ".join(str(L) for L in c.eval_lengths) + " |",
-             "|---|" + "---|" * len(c.eval_lengths)]
-    for name in e:
-        lines.append(f"| {name} perplexity | " + " | ".join(f"{e[name]['perplexity'][str(L)]:.3f}"
-                                                              for L in c.eval_lengths) + " |")
-    for name in e:
-        lines.append(f"| {name} NIAH (%) | " + " | ".join(f"{100 * e[name]['niah'][str(L)]:.0f}"
-                                                           for L in c.eval_lengths) + " |")
-    ratio = q["perplexity_ratio_at_train_length"]
-    niah = q[f"niah_at_{4 * T}"]
-    lines += ["", f"Perplexity at T = {T}: HypeNet / teacher = {ratio:.3f}" if ratio else "",
-              f"NIAH at 4T = {4 * T}: teacher {100 * niah['teacher']:.0f}%, HypeNet {100 * niah['hypenet']:.0f}%"
-              if niah["teacher"] is not None else "", "",
-              "![perplexity](perplexity.png)", "", "![NIAH](niah.png)", ""]
-    if "select" in rep:
-        s = rep["select"]
-        lines += [f"## Layer selection ({s['rule']}): attention in layers {s['layers']}", ""]
-        if "halo_scores" in s:
-            lines += ["Commonsense proxy C = exp(-mean NLL) of held-out text at T; recall R = NIAH accuracy "
-                      "at T. Teacher: C = {:.4f}, R = {:.3f}.".format(s["teacher"]["csr"], s["teacher"]["recall"]),
-                      f"Other rules: recall drop only {s['recall_drop']}, evenly spaced {s['even']}.", "",
-                      "| layer | C(M(i)) | R(M(i)) | s_i |", "|---|---|---|---|"]
-            lines += [f"| {i} | {s['csr'][i]:.4f} | {s['recall'][i]:.3f} | {s['halo_scores'][i]:.3g} |"
-                      for i in s["csr"]]
-            lines += ["", "![layer scores](layer_scores.png)", ""]
-    if "scale" in rep:
-        lines += [f"## HyPE query scale: a = {rep['scale']['a']}", "",
-                  f"Loss on held-out text and retrieval documents of {rep['scale']['length']} tokens; NIAH at "
-                  "that length.", "",
-                  "| a | loss (nats/token) | NIAH (%) |", "|---|---|---|"]
-        lines += [f"| {r['a']} | {r['loss']:.4f} | {100 * r.get('niah', float('nan')):.0f} |"
-                  for r in rep["scale"]["table"]]
-        lines.append("")
-    lines += ["## Cost", "", "| step | tokens | seconds | tokens/s | final loss |", "|---|---|---|---|---|"]
-    lines += [f"| {s} | {v['tokens']:,} | {v['seconds']:.1f} | {v['tokens_per_s']:.0f} | {v['final_loss']:.4f} |"
-              for s, v in rep["steps"].items()]
-    lines += ["", "| model | parameters | decoding memory at " + f"{4 * T} tokens (fp32) | at 131072 tokens |",
-              "|---|---|---|---|"]
-    for n, b in rep["cache_bytes"].items():
-        lines.append(f"| {n} | {rep['parameters'][n]:,} | {b[str(4 * T)]['total_bytes'] / 2**10:.1f} KiB | "
-                     f"{b['131072']['total_bytes'] / 2**20:.1f} MiB |")
-    return "\n".join(lines) + "\n"
-
-
-def write_jsonl(path, rows):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
-def read_jsonl(path, key=None):
-    """The rows of a JSON-lines file; with `key`, only the last row for each value of row[key]."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    if key is None:
-        return rows
-    return sorted({r[key]: r for r in rows}.values(), key=lambda r: r[key])
-
-
-def run(cfg: HaloConfig):
-    """The pipeline: each step in cfg.stages, in order; a step that finished before is loaded, not redone
-    (delete its folder to redo it). Returns the Run."""
-    if not torch.cuda.is_available():
-        torch.set_num_threads(min(2, torch.get_num_threads()))
-    r = Run(cfg)
-    for step in STEPS:
-        if step not in cfg.stages:
-            continue
-        done = r.saved(step) is not None or (step == "select" and (r.dir / "select.json").is_file())
-        if done and step in ("align", "select", "distill", "finetune"):
-            print(f"{step}: already done in {r.dir}")
-            continue
-        getattr(r, step)()
-    return r
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="HALO: distil a Transformer into a HypeNet (docs/method.md §4). "
-                                 "Every HaloConfig field is an option; lists are comma-separated.")
-    ap.add_argument("--preset", default="tiny", help=f"one of {sorted(PRESETS)} (default tiny)")
-    ap.add_argument("--stages", default=",".join(STEPS), help=f"comma-separated steps (default {','.join(STEPS)})")
-    ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    options = [f for f in fields(HaloConfig) if f.name not in ("stages", "progress", "preset")]
-    for f in options:
-        ap.add_argument("--" + f.name.replace("_", "-"), default=None, metavar=f.type.__name__.upper(),
-                        type=str if f.type is list else f.type, help=f"default {getattr(HaloConfig, f.name, '[...]')}")
-    args = ap.parse_args(argv)
-    number = lambda x: float(x) if "." in x or "e" in x else int(x)  # noqa: E731
-    changes = {f.name: [number(x) for x in getattr(args, f.name).split(",")] if f.type is list
-               else getattr(args, f.name) for f in options if getattr(args, f.name) is not None}
-    cfg = preset_config(args.preset, stages=tuple(s.strip() for s in args.stages.split(",")),
-                        progress=not args.no_progress, **changes)
-    r = run(cfg)
-    if (r.dir / "report.md").is_file():
-        print(f"report: {r.dir / 'report.md'}")
-    return r
+def __getattr__(name):
+    """The pipeline's names (HaloConfig, run, ...) stay reachable as minihalo.halo.<name>; they live in
+    minihalo.pipeline, which imports this module."""
+    from minihalo import pipeline
+    if name in pipeline.__all__:
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'minihalo.halo' has no attribute {name!r}")
 
 
 if __name__ == "__main__":
+    from minihalo.pipeline import main
     main()

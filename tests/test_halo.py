@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 from minihalo import HybridConfig, HybridLM, to_hypenet
 from minihalo.data import prepare
-from minihalo.halo import (STEPS, HaloConfig, distill_loss, evenly_spaced_layers, final_hidden, kl_divergence,
-                           load_teacher, main, num_attention_layers, pick_query_scale,
-                           preset_config, read_jsonl, recall_drop_layers, run, select_attention_layers,
+from minihalo.halo import (STEPS, distill_loss, evenly_spaced_layers, final_hidden, kl_divergence, load_teacher,
+                           num_attention_layers, pick_query_scale, recall_drop_layers, select_attention_layers,
                            selection_scores, stage1_align, stage2_distill, swap_layer)
 from minihalo.model import Context
+from minihalo.pipeline import HaloConfig, main, preset_config, read_jsonl, run
 from minihalo.ops import rel_err
 from minihalo.tasks import WORDS
 from minihalo.train import TrainConfig

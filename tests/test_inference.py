@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import minihalo as mh
-from minihalo.model import KV_BLOCK, decode_attention
+from minihalo.decoding import KV_BLOCK, decode_attention
 from minihalo.ops import rel_err
 
 V = 101
@@ -173,7 +173,7 @@ def test_cache_errors():
     with pytest.raises(ValueError, match="cache holds"):
         model(torch.zeros(1, KV_BLOCK + 1, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="static cache"):
-        mh.model.CUDAGraphStep(model, model.new_cache())
+        mh.decoding.CUDAGraphStep(model, model.new_cache())
     with pytest.raises(ValueError, match="cuda_graph"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, cuda_graph=True)
     with pytest.raises(ValueError, match="chunk_size"):
@@ -259,7 +259,7 @@ def test_cuda_graph_decoding_equals_eager(layout, compile):
     if not compile:
         assert torch.equal(model.generate(ids, max_new_tokens=20, cuda_graph=True, compile=False), eager)
     cache = model.new_cache(2, 64)
-    step = mh.model.CUDAGraphStep(model, cache, compile)
+    step = mh.decoding.CUDAGraphStep(model, cache, compile)
     model.prefill(eager[:, :40], cache=cache)
     with torch.no_grad():
         full = model(eager[:, :59])  # (2, 59, V)
