@@ -4,7 +4,9 @@ PY := .venv/bin/python
 PIP := $(PY) -m pip install -q -c .ci/constraints.txt
 # Tools that want a writable home get one inside .venv (one fixed folder, removed with .venv).
 HOMES := $(CURDIR)/.venv/home
-ENV := HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 OMP_WAIT_POLICY=PASSIVE IPYTHONDIR=$(HOMES)/ipython \
+# Triton runs its kernels through its CPU interpreter only where there is no NVIDIA GPU to compile them for.
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ENV := HF_HUB_OFFLINE=1 $(if $(GPU),,TRITON_INTERPRET=1) OMP_WAIT_POLICY=PASSIVE IPYTHONDIR=$(HOMES)/ipython \
        JUPYTER_CONFIG_DIR=$(HOMES)/jupyter MPLCONFIGDIR=$(HOMES)/matplotlib
 # On Linux without an NVIDIA GPU, torch comes from PyTorch's CPU wheel index (a few hundred MB instead
 # of several GB of CUDA libraries) when that index answers within a few seconds; otherwise, or with

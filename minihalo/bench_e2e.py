@@ -384,7 +384,7 @@ def add_floors(row, model, C, ceilings):
 
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minihalo.bench_e2e", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="e2e.json", help="where to write the JSON results")
     p.add_argument("--time-limit", type=float, default=470.0,
                    help="seconds: a measurement predicted to end later is skipped (the largest come last)")
@@ -396,6 +396,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        p.error("the benchmark times a 2B-parameter model at up to 1M tokens and needs a CUDA GPU; "
+                "on a CPU, --smoke checks the whole flow on a tiny model in a minute")
     graphs = device == "cuda"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shape, attn_layers = (TINY, [1]) if args.smoke else (QWEN3_1_7B, HYPENET_ATTN_LAYERS)

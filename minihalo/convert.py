@@ -61,7 +61,11 @@ def _read_checkpoint_folder(path):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{path!r} has no config.json; expected a transformers checkpoint folder")
     with open(os.path.join(path, "config.json")) as f:
-        model_type = json.load(f).get("model_type")
+        d = json.load(f)
+    model_type = d.get("model_type")
+    if model_type is None and "layer_types" in d:
+        raise ValueError(f"{path!r} is a minihalo model folder (HybridLM.save_pretrained); load it with "
+                         "minihalo.HybridLM.from_pretrained (from_hf converts transformers checkpoints)")
     if model_type not in SUPPORTED:
         raise ValueError(f"unsupported model_type {model_type!r} in {path!r}; minihalo converts {SUPPORTED}")
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))

@@ -23,6 +23,12 @@ def test_existing_folder_without_config_is_named(tmp_path):
         minihalo.from_hf(tmp_path)
 
 
+def test_minihalo_folder_points_at_from_pretrained(tmp_path):
+    minihalo.HybridLM(minihalo.HybridConfig(num_layers=2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="minihalo.HybridLM.from_pretrained"):
+        minihalo.from_hf(tmp_path)
+
+
 def test_unreachable_hub_id_is_neither_a_folder_nor_reachable(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no local folder of that name
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -1,0 +1,47 @@
+"""The README's claims that can drift: its package snippet runs as written, and the HALO numbers it quotes are
+those of the committed reports in notebooks/results/."""
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def python_blocks(section):
+    """The ```python blocks of the README section that starts with the heading `section`."""
+    start = README.index(section)
+    end = README.find("\n## ", start + len(section))
+    return re.findall(r"```python\n(.*?)```", README[start:end if end > 0 else None], re.S)
+
+
+def test_package_snippet_runs_as_written(tmp_path, monkeypatch):
+    snippet = python_blocks("## The package")[0]
+    (tmp_path / "data").symlink_to(ROOT / "data")  # the snippet reads data/toy_teacher, relative to the repository
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert scope["out"].shape == (1, scope["input_ids"].shape[1] + 8)
+    assert scope["same"].config == scope["hypenet"].config
+    assert os.path.isfile("runs/hypenet-toy/model.safetensors")
+
+
+def halo_reports():
+    return sorted(p for p in (ROOT / "notebooks" / "results").glob("halo_*.json")
+                  if "quality" in json.loads(p.read_text()))
+
+
+@pytest.mark.parametrize("path", halo_reports(), ids=lambda p: p.name)
+def test_halo_numbers_in_readme_match_the_report(path):
+    """A committed HALO report that the README links: the README gives its perplexity ratio (3 decimals) and its
+    attention layers as they are in the JSON."""
+    if path.name not in README:
+        pytest.skip(f"the README does not cite {path.name}")
+    rep = json.loads(path.read_text())
+    ratio = f"{rep['quality']['perplexity_ratio_at_train_length']:.3f}"
+    assert ratio in README, f"README should quote {path.name}'s perplexity ratio {ratio}"
+    layers = str(rep["select"]["layers"])
+    assert layers in README, f"README should quote {path.name}'s attention layers {layers}"
