@@ -2,9 +2,10 @@
 from minihalo import halo
 from minihalo.convert import from_hf, to_hypenet, tokenizer_in_folder
 from minihalo.decoding import Cache
+from minihalo.export import export_transformers
 from minihalo.model import HybridConfig, HybridLM
 from minihalo.ops import lightning_attn, lightning_decay, lightning_step
 
 __all__ = ["HybridConfig", "HybridLM", "Cache", "from_hf", "to_hypenet", "tokenizer_in_folder",
-           "lightning_attn", "lightning_decay", "lightning_step", "halo"]
+           "export_transformers", "lightning_attn", "lightning_decay", "lightning_step", "halo"]
 __version__ = "0.1.0"
