@@ -60,6 +60,7 @@ TRANSFORMERS_SIDE = textwrap.dedent("""
     sys.modules["minihalo"] = None  # any import of minihalo now raises ImportError
     import torch
     import torch.nn.functional as F
+    import transformers
     from transformers import AutoModelForCausalLM
     folder, ins, out = sys.argv[1:]
     ids, mask, labels, pairs = torch.load(ins)
@@ -85,7 +86,9 @@ TRANSFORMERS_SIDE = textwrap.dedent("""
         for ctx, cont in pairs:
             logits = model(torch.cat([ctx, cont])[None, :-1]).logits[0, -len(cont):]  # (C, V)
             r["scores"].append(F.log_softmax(logits.float(), -1).gather(-1, cont[:, None]).sum().item())
-        bf16 = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).eval()
+        new = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)  # "torch_dtype" before
+        bf16 = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
+                                                    **{"dtype" if new else "torch_dtype": torch.bfloat16}).eval()
         r["bf16_dtypes"] = sorted({str(p.dtype) for p in bf16.parameters()})
         r["bf16_logits"] = bf16(ids, attention_mask=mask).logits.float()
     torch.save(r, out)
