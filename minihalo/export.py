@@ -12,7 +12,7 @@ lm-evaluation-harness (`--model hf`) and the Hugging Face Hub read.
     generation_config.json    eos / pad token
     README.md                 the model card: layout, HyPE, parameters; the teacher, HALO's tokens per step
                               and the report's evaluation table when `run_dir` is a HALO run folder
-    tokenizer files           when a tokenizer is given
+    tokenizer files           when a tokenizer is given (minihalo's ByteTokenizer becomes a transformers one)
 A second export of the same model writes the same bytes.
 
 transformers' names differ from HybridConfig's for four fields (HF_NAMES): its code reads
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from minihalo.convert import tokenizer_in_folder
+from minihalo.data import ByteTokenizer, HFTokenizer
 from minihalo.model import HybridLM
 
 TEMPLATE = Path(__file__).resolve().parent / "hf_hypenet"
@@ -64,10 +65,41 @@ def hf_state_dict(model):
     return state
 
 
+def byte_tokenizer():
+    """minihalo's ByteTokenizer (token id = UTF-8 byte value, EOS = byte 0) as a transformers tokenizer: a
+    byte-level BPE without merges over the 256 byte symbols of GPT-2's byte-to-character table, so every
+    byte is one token and the ids are the byte values. EOS and padding are byte 0; its symbol, U+0100,
+    is read as EOS where it occurs in a text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # bytes that stand for themselves
+    spare = iter(range(256, 512))  # the other bytes get the characters 256, 257, ... in order
+    symbols = [chr(b) if b in printable else chr(next(spare)) for b in range(256)]
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(symbols)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=symbols[0], pad_token=symbols[0],
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def transformers_tokenizer(tokenizer):
+    """A transformers tokenizer from one, from minihalo's ByteTokenizer or HFTokenizer, or from a folder or
+    hub id; None stays None."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return byte_tokenizer()
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.tok
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    return tokenizer
+
+
 def export_transformers(model, folder, tokenizer=None, run_dir=None):
     """Write `model` (a HybridLM) as a transformers folder (see the module docstring). `tokenizer`: a
-    transformers tokenizer, or a folder or hub id to load one from. `run_dir`: the HALO run folder the
-    model came from (its config.json and report.json go into the model card). Returns the folder's Path."""
+    transformers tokenizer, minihalo's ByteTokenizer or HFTokenizer, or a folder or hub id to load one from.
+    `run_dir`: the HALO run folder the model came from (its config.json and report.json go into the model
+    card). Returns the folder's Path."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
     if not isinstance(model, HybridLM):
@@ -80,9 +112,7 @@ def export_transformers(model, folder, tokenizer=None, run_dir=None):
     for name in CODE_FILES:
         shutil.copyfile(TEMPLATE / name, folder / name)
     save_file(hf_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    tokenizer = transformers_tokenizer(tokenizer)
     eos = model.config.eos_token_id
     if eos is None and tokenizer is not None:
         eos = tokenizer.eos_token_id
@@ -183,9 +213,8 @@ def load_for_export(path):
     HybridLM.save_pretrained folder."""
     path = Path(path)
     if (path / "hybrid" / "config.json").is_file():
-        cfg = json.loads((path / "config.json").read_text())
-        tok = None if cfg.get("tokenizer", "byte") == "byte" else cfg["tokenizer"]
-        return HybridLM.from_pretrained(str(path / "hybrid")), tok, path
+        tok = json.loads((path / "config.json").read_text()).get("tokenizer", "byte")
+        return HybridLM.from_pretrained(str(path / "hybrid")), ByteTokenizer() if tok == "byte" else tok, path
     if (path / "config.json").is_file():
         return HybridLM.from_pretrained(str(path)), tokenizer_in_folder(str(path)), None
     raise ValueError(f"{str(path)!r} is neither a HALO run folder (with hybrid/) nor a HybridLM folder "

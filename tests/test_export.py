@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from minihalo import HybridConfig, HybridLM, export_transformers
+from minihalo.data import ByteTokenizer
 from minihalo.evaluate import token_nll
 from minihalo.export import main as export_main
 from minihalo.ops import rel_err
@@ -215,3 +216,11 @@ def test_cli_from_a_halo_run_folder(tmp_path):
     from safetensors import safe_open
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    # the run's byte tokenizer, as a transformers tokenizer: ids = UTF-8 bytes, EOS and padding = byte 0
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    text = "Héllo wörld,\n\t 3 € 😀 "
+    assert tok(text)["input_ids"] == ByteTokenizer().encode(text) and len(tok) == 256
+    assert tok.decode(ByteTokenizer().encode(text) + [0], skip_special_tokens=True) == text
+    assert (tok.eos_token_id, tok.pad_token_id) == (0, 0)
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["pad_token_id"] == 0
