@@ -25,9 +25,9 @@ V, T, NEW = 97, 29, 10
 LAYOUT = ["attention", "lightning", "lightning", "attention", "lightning"]
 
 
-def tiny_hypenet():
+def tiny_hypenet(vocab_size=V):
     torch.manual_seed(0)
-    cfg = HybridConfig(vocab_size=V, hidden_size=48, intermediate_size=80, num_layers=5, num_heads=4,
+    cfg = HybridConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=80, num_layers=5, num_heads=4,
                        num_kv_heads=2, head_dim=16, layer_types=LAYOUT, attn_rope=False, attn_output_gate=True,
                        attn_scale_a=3.0, lin_chunk_size=8, max_position_embeddings=64)
     model = HybridLM(cfg).eval()
@@ -224,3 +224,22 @@ def test_cli_from_a_halo_run_folder(tmp_path):
     assert tok.decode(ByteTokenizer().encode(text) + [0], skip_special_tokens=True) == text
     assert (tok.eos_token_id, tok.pad_token_id) == (0, 0)
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["pad_token_id"] == 0
+
+
+def test_lm_evaluation_harness_loglikelihood(tmp_path):
+    """lm-evaluation-harness's `--model hf` scoring (HFLM.loglikelihood) on an exported byte-level model
+    equals minihalo's log-probabilities. lm-eval is not in requirements-dev.txt (it installs pandas, pyarrow,
+    scipy, scikit-learn and more): the test runs where it is installed."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    model = tiny_hypenet(vocab_size=256)
+    folder = export_transformers(model, tmp_path / "hypenet", ByteTokenizer())
+    lm = HFLM(pretrained=str(folder), trust_remote_code=True, device="cpu", batch_size=2)
+    requests = [("The capital of France is", " Paris"), ("Hello", " wörld!"), ("abc", "d")]
+    scores = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+    tok = ByteTokenizer()
+    for (context, continuation), (theirs, _) in zip(requests, scores):
+        n = len(tok.encode(continuation))
+        ours = -token_nll(model, torch.tensor(tok.encode(context + continuation))[None])[0, -n:].sum().item()
+        assert abs(theirs - ours) <= 1e-4 * abs(ours)
