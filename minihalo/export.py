@@ -2,7 +2,7 @@
 lm-evaluation-harness (`--model hf`) and the Hugging Face Hub read.
 
     python -m minihalo.export runs/s1 hypenet-s1                  # a HALO run folder: its hybrid/ and report
-    python -m minihalo.export my_model hypenet --dtype bfloat16   # a HybridLM.save_pretrained folder
+    python -m minihalo.export my_model hypenet --dtype bfloat16 --tokenizer byte   # a HybridLM folder
 
 `export_transformers(model, folder, tokenizer=None, run_dir=None)` writes
     config.json               a HypeNetConfig: every HybridConfig field, auto_map for the Auto classes
@@ -83,9 +83,9 @@ def byte_tokenizer():
 
 
 def transformers_tokenizer(tokenizer):
-    """A transformers tokenizer from one, from minihalo's ByteTokenizer or HFTokenizer, or from a folder or
-    hub id; None stays None."""
-    if isinstance(tokenizer, ByteTokenizer):
+    """A transformers tokenizer from one, from minihalo's ByteTokenizer or HFTokenizer, from "byte" (as in
+    HaloConfig.tokenizer), or from a folder or hub id; None stays None."""
+    if isinstance(tokenizer, ByteTokenizer) or tokenizer == "byte":
         return byte_tokenizer()
     if isinstance(tokenizer, HFTokenizer):
         return tokenizer.tok
@@ -97,8 +97,8 @@ def transformers_tokenizer(tokenizer):
 
 def export_transformers(model, folder, tokenizer=None, run_dir=None):
     """Write `model` (a HybridLM) as a transformers folder (see the module docstring). `tokenizer`: a
-    transformers tokenizer, minihalo's ByteTokenizer or HFTokenizer, or a folder or hub id to load one from.
-    `run_dir`: the HALO run folder the model came from (its config.json and report.json go into the model
+    transformers tokenizer, minihalo's ByteTokenizer or HFTokenizer, "byte", or a folder or hub id to load
+    one from. `run_dir`: the HALO run folder the model came from (its config.json and report.json go into the model
     card). Returns the folder's Path."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
@@ -182,7 +182,7 @@ def _on(flag):
 
 def _halo_section(run_dir):
     """The teacher, HALO's tokens per step and the evaluation table, from a run folder's config.json and
-    report.json (see minihalo.halo)."""
+    report.json (see minihalo.pipeline)."""
     cfg = json.loads((run_dir / "config.json").read_text())
     rep_path = run_dir / "report.json"
     rep = json.loads(rep_path.read_text()) if rep_path.is_file() else {}
@@ -214,7 +214,7 @@ def load_for_export(path):
     path = Path(path)
     if (path / "hybrid" / "config.json").is_file():
         tok = json.loads((path / "config.json").read_text()).get("tokenizer", "byte")
-        return HybridLM.from_pretrained(str(path / "hybrid")), ByteTokenizer() if tok == "byte" else tok, path
+        return HybridLM.from_pretrained(str(path / "hybrid")), tok, path
     if (path / "config.json").is_file():
         return HybridLM.from_pretrained(str(path)), tokenizer_in_folder(str(path)), None
     raise ValueError(f"{str(path)!r} is neither a HALO run folder (with hybrid/) nor a HybridLM folder "
@@ -227,8 +227,9 @@ def main(argv=None):
     p.add_argument("source", help="a HALO run folder (minihalo.halo --out) or a HybridLM.save_pretrained folder")
     p.add_argument("out", help="the folder to write")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: as saved)")
-    p.add_argument("--tokenizer", help="a transformers tokenizer (folder or hub id) to include "
-                                       "(default: the run's or the folder's, if any)")
+    p.add_argument("--tokenizer", help="the tokenizer to include: 'byte' (minihalo's byte-level one) or a "
+                                       "transformers tokenizer's folder or hub id (default: the run's, or the "
+                                       "folder's if it has one)")
     args = p.parse_args(argv)
     model, tok, run_dir = load_for_export(args.source)
     if args.dtype:

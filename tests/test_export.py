@@ -7,6 +7,7 @@ the attention output gate, random norm weights (a norm in the wrong place change
 chunks of 8 tokens (several chunks and a partial one per prompt).
 """
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -243,3 +244,21 @@ def test_lm_evaluation_harness_loglikelihood(tmp_path):
         n = len(tok.encode(continuation))
         ours = -token_nll(model, torch.tensor(tok.encode(context + continuation))[None])[0, -n:].sum().item()
         assert abs(theirs - ours) <= 1e-4 * abs(ours)
+
+
+def test_readme_export_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The README's export snippet, after its package snippet (which saves runs/hypenet-toy)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    blocks = [re.findall(r"```python\n(.*?)```", readme[readme.index(h):], re.S)[0]
+              for h in ("## The package", "## Export to transformers")]
+    (tmp_path / "data").symlink_to(root / "data")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), scope)
+    out, batch, same = scope["out"], scope["batch"], scope["same"]
+    assert scope["model"].dtype == torch.bfloat16 and out.shape == (2, batch["input_ids"].shape[1] + 8)
+    ours = same.to(torch.bfloat16).generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=8)
+    assert torch.equal(out, ours)  # bf16 on both sides, the same operations
