@@ -26,11 +26,11 @@ V, T, NEW = 97, 29, 10
 LAYOUT = ["attention", "lightning", "lightning", "attention", "lightning"]
 
 
-def tiny_hypenet(vocab_size=V):
+def tiny_hypenet(vocab_size=V, lin_chunk_size=8):
     torch.manual_seed(0)
     cfg = HybridConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=80, num_layers=5, num_heads=4,
                        num_kv_heads=2, head_dim=16, layer_types=LAYOUT, attn_rope=False, attn_output_gate=True,
-                       attn_scale_a=3.0, lin_chunk_size=8, max_position_embeddings=64)
+                       attn_scale_a=3.0, lin_chunk_size=lin_chunk_size, max_position_embeddings=64)
     model = HybridLM(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -262,3 +262,27 @@ def test_readme_export_snippet_runs_as_written(tmp_path, monkeypatch):
     assert scope["model"].dtype == torch.bfloat16 and out.shape == (2, batch["input_ids"].shape[1] + 8)
     ours = same.to(torch.bfloat16).generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=8)
     assert torch.equal(out, ours)  # bf16 on both sides, the same operations
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_with_device_map_and_bfloat16(tmp_path):
+    """On a GPU with minihalo installed the exported model's Lightning layers run minihalo's Triton kernels:
+    fp32 logits and greedy tokens equal minihalo's; loaded in bf16 with device_map, its logits equal those
+    of minihalo's model cast to bf16."""
+    from transformers import AutoModelForCausalLM
+    model = tiny_hypenet(lin_chunk_size=16).cuda()  # minihalo's kernels take chunks of 16 tokens or more
+    folder = export_transformers(model, tmp_path / "hypenet")
+    ids, mask, _, _ = (t.cuda() if isinstance(t, torch.Tensor) else t for t in inputs())
+    real = mask[..., None].bool()
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            hf = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=dtype,
+                                                      device_map="auto").eval()
+            ours = model.to(dtype)(ids, mask)
+            theirs = hf(ids, attention_mask=mask).logits
+            assert theirs.device.type == "cuda" and theirs.dtype == dtype
+            assert rel_err(theirs.masked_select(real), ours.masked_select(real)) <= (1e-4 if dtype == torch.float32
+                                                                                     else 1e-2)
+            if dtype == torch.float32:
+                greedy = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+                assert torch.equal(greedy, model.generate(ids, mask, max_new_tokens=NEW))

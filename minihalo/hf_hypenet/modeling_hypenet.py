@@ -82,9 +82,11 @@ def lightning_step(q, k, v, g, state):
 
 
 def lightning_attn(q, k, v, g, state, chunk_size, impl):
-    """(o, final state): minihalo's Triton kernels when minihalo is installed, the tensors are on a GPU and
-    impl is "auto" or "triton"; this file's chunkwise form otherwise (the same computation)."""
-    if q.is_cuda and impl in ("auto", "triton") and q.dtype != torch.float64:
+    """(o, final state): minihalo's Triton kernels when minihalo is installed, the tensors are on a GPU, impl
+    is "auto" or "triton" and the chunk size suits the kernels (a power of two >= 16); this file's chunkwise
+    form otherwise (the same computation)."""
+    triton_chunk = chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
+    if q.is_cuda and impl in ("auto", "triton") and q.dtype != torch.float64 and triton_chunk:
         try:
             from minihalo.ops import lightning_attn as minihalo_lightning_attn
         except ImportError:
