@@ -171,6 +171,30 @@ def test_bfloat16_loading(exported):
     assert rel_err(r["bf16_logits"].masked_select(real), ours.masked_select(real)) < 3e-2  # bf16: 8-bit mantissa
 
 
+@pytest.mark.parametrize("changes", [dict(tie_word_embeddings=False, attention_bias=True),
+                                     dict(lin_mha=False, qk_norm=False, attn_output_gate=False, attn_scale_a=None),
+                                     dict(attn_rope=True, lin_rope=False, lin_output_norm=False, lin_fp32=True)],
+                         ids=["untied-biases", "shared-kv", "rope-in-attention"])
+def test_other_configurations(tmp_path, changes):
+    """Other HybridConfig switches survive the export (loaded in this process: the folder's code all the same)."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(2)
+    model = HybridLM(replace(tiny_hypenet().config, **changes)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # biases and norms off their zero / one start
+    hf = AutoModelForCausalLM.from_pretrained(str(export_transformers(model, tmp_path / "m")),
+                                              trust_remote_code=True).eval()
+    ids, mask, _, _ = inputs()
+    real = mask[..., None].bool()
+    with torch.no_grad():
+        ours, theirs = model(ids, mask), hf(ids, attention_mask=mask).logits
+    assert rel_err(theirs.masked_select(real), ours.masked_select(real)) <= 1e-4
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == model.config.tie_word_embeddings
+
+
 def test_export_is_deterministic(exported, tmp_path):
     model, folder, _ = exported
     again = export_transformers(tiny_hypenet(), tmp_path / folder.name)
@@ -249,6 +273,10 @@ def test_lm_evaluation_harness_loglikelihood(tmp_path):
 def test_readme_export_snippet_runs_as_written(tmp_path, monkeypatch):
     """The README's export snippet, after its package snippet (which saves runs/hypenet-toy)."""
     from pathlib import Path
+
+    import transformers
+    if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56):
+        pytest.skip("the snippet passes dtype=, which transformers takes from 4.56 on")
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
     blocks = [re.findall(r"```python\n(.*?)```", readme[readme.index(h):], re.S)[0]

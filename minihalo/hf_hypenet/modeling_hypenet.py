@@ -392,9 +392,9 @@ class HypeNetForCausalLM(HypeNetPreTrainedModel, GenerationMixin):
         or index tensor). With `labels` (B, T), the loss: next-token cross-entropy of logits[:, t] against
         labels[:, t + 1], -100 ignored; the mean over labelled tokens (or the sum / num_items_in_batch)."""
         out = self.model(input_ids, attention_mask, past_key_values, use_cache, inputs_embeds, **kwargs)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else \
-            slice(None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(out.last_hidden_state[:, keep])  # (B, T', V)
+        if isinstance(logits_to_keep, int):
+            logits_to_keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.lm_head(out.last_hidden_state[:, logits_to_keep])  # (B, T', V)
         loss = None
         if labels is not None:
             shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # (B*(T-1), V)
