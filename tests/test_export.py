@@ -314,3 +314,10 @@ def test_on_a_gpu_with_device_map_and_bfloat16(tmp_path):
             if dtype == torch.float32:
                 greedy = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
                 assert torch.equal(greedy, model.generate(ids, mask, max_new_tokens=NEW))
+
+
+def test_bad_input_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="HybridLM"):
+        export_transformers(torch.nn.Linear(2, 2), tmp_path / "x")
+    with pytest.raises(ValueError, match="neither a HALO run folder"):
+        export_main([str(tmp_path), str(tmp_path / "out")])
