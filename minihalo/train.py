@@ -19,7 +19,14 @@ exact resume: model, optimizer, scheduler, step and the RNG states (torch, CUDA,
 A non-finite loss or gradient norm stops the run with `NonFiniteLossError`; no checkpoint is written
 after the bad step, so the last one on disk is good.
 
-`cuda_graph=True` (CUDA only, one micro-batch per step) captures the whole optimizer step (forward,
+Under torchrun (several processes, see minihalo.distributed) the same call trains data-parallel:
+`batches(step)` still returns the global batch and each process trains on its rows; gradients are
+averaged by DDP or FSDP2 (`parallel`), the logged loss is the global batch's mean, bars and messages
+come from rank 0, and checkpoints hold whole (gathered) tensors keyed by parameter name, so a run
+resumes on another number of processes, or on one CPU. `model` ends with the trained weights, whole,
+on every process.
+
+`cuda_graph=True` (CUDA only, one process, one micro-batch per step) captures the whole optimizer step (forward,
 backward, clipping, AdamW) once as a CUDA graph and replays it: a small model's eager step is bound by
 the host launching about a thousand kernels, a replay is one launch. Same parameters and data as the
 eager loop; the loss is checked after the step, so a non-finite loss stops the run with the bad update
@@ -31,6 +38,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from minihalo import distributed
 from minihalo.model import model_logits
 
 
@@ -63,6 +72,7 @@ class TrainConfig:
     progress: bool = True            # show the tqdm bar
     log_every: int = 1               # record the loss in the history every N steps
     cuda_graph: bool = False         # replay the whole step as a CUDA graph (CUDA, grad_accum 1; see above)
+    parallel: str = "auto"           # several processes: "ddp", "fsdp" or "auto" (minihalo.distributed)
     extra: dict = field(default_factory=dict)  # free-form notes saved with checkpoints
 
     def __post_init__(self):
@@ -72,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant'; got {self.schedule!r}")
         if self.ckpt_every and not self.ckpt_dir:
             raise ValueError("ckpt_every > 0 needs a ckpt_dir")
+        if self.parallel not in distributed.PARALLEL:
+            raise ValueError(f"parallel must be one of {distributed.PARALLEL}; got {self.parallel!r}")
         if self.cuda_graph and (self.grad_accum != 1 or self.grad_checkpointing):
             raise ValueError("cuda_graph=True captures one forward/backward per step: it needs grad_accum=1 "
                              "and grad_checkpointing=False")
@@ -154,28 +166,48 @@ def _set_rng_state(state):
 
 
 def save_checkpoint(path, model, optimizer, scheduler, step, cfg, history):
-    """Write everything needed to resume at `step` to `path`, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "step": step, "rng": _rng_state(),
-             "config": asdict(cfg), "history": history}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write everything needed to resume at `step` to `path`, atomically (temp file + rename).
+
+    The model and AdamW states are whole tensors keyed by parameter name (gathered from every process
+    under torchrun: `model.load_state_dict` reads them on one CPU); the RNG states are one per process.
+    Under torchrun every process calls this and rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rng = distributed.gather_objects(_rng_state())
+    if distributed.is_main():
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                 "step": step, "rng": rng, "config": asdict(cfg), "history": history}
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    distributed.barrier()
 
 
 def load_checkpoint(path, model, optimizer=None, scheduler=None):
-    """Restore a checkpoint written by `save_checkpoint`; returns the dict (step, history, config)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise ValueError(f"{path} is not a minihalo training checkpoint (expected keys 'model', 'step', ...)")
-    model.load_state_dict(state["model"])
+    """Restore a checkpoint written by `save_checkpoint`; returns the dict (step, history, config).
+    Under torchrun every process calls this; rank 0 reads the file and sends the tensors to the others
+    (no shared file system needed). Each process takes its own RNG state when the number of processes
+    is the one that wrote the checkpoint, else rank 0's."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    state = torch.load(path, map_location="cpu", weights_only=False) if distributed.is_main() else {}
+    valid = distributed.broadcast_object(isinstance(state, dict) and {"model", "optimizer", "step"} <= set(state))
+    if not valid:
+        raise ValueError(f"{path} is not a minihalo training checkpoint (expected keys 'model', 'optimizer', "
+                         "'step', ...)")
+    tensors = {k: state.pop(k, {}) for k in ("model", "optimizer")}
+    state = distributed.broadcast_object(state)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed.world_size() > 1)
+    set_model_state_dict(model, tensors["model"], options=options)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, tensors["optimizer"], options=options)
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    rng = state["rng"]
+    _set_rng_state(rng[distributed.rank()] if len(rng) == distributed.world_size() else rng[0])
     return state
 
 
@@ -188,17 +220,26 @@ def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None
         {"step": [...], "loss": [...], "lr": [...], "tokens_per_s": float, "evals": [(step, dict), ...]}
 
     `eval_fn(model) -> dict` runs every `cfg.eval_every` steps (and after the last), in eval mode
-    under `torch.no_grad()`. Checkpoints go to `cfg.ckpt_dir/last.pt`; if that file exists and
-    `cfg.resume`, training continues from it and ends with exactly the parameters an uninterrupted
-    run would have (on the same device, same seed).
+    under `torch.no_grad()` (on every process under torchrun). Checkpoints go to `cfg.ckpt_dir/last.pt`;
+    if that file exists and `cfg.resume`, training continues from it and ends with exactly the
+    parameters an uninterrupted run would have (on the same device, same seed, same number of processes).
+    Under torchrun the model goes to this process's device (`device` is ignored).
     """
+    distributed.setup()
+    if distributed.world_size() > 1:
+        if cfg.cuda_graph:
+            raise ValueError("cuda_graph=True runs in one process; under torchrun turn it off")
+        device = distributed.device()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if cfg.cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device; the model is on {device}")
-    model.to(device)
-    train_params, restore_flags = _freeze_all_but(model, params)
+    model.to(device).train()
+    restore_flags = _freeze_all_but(model, params)
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model)
+    parallel = distributed.ParallelModel(model, loss_fn, cfg.parallel, device)
+    batches = distributed.shard_rows(batches)
+    train_params = [p for p in parallel.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(train_params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda", capturable=cfg.cuda_graph)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
@@ -206,21 +247,20 @@ def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                               enabled=cfg.bf16 and device.type == "cuda", cache_enabled=not cfg.cuda_graph)
     ckpt = Path(cfg.ckpt_dir) / "last.pt" if cfg.ckpt_dir else None
-    start, history = _resume_or_start(ckpt, cfg, model, optimizer, scheduler)
+    start, history = _resume_or_start(ckpt, cfg, parallel.module, optimizer, scheduler)
+    main = distributed.is_main()
 
     def run_eval(step):
         if eval_fn is None:
             return
-        model.eval()
-        with torch.no_grad(), autocast:
-            result = eval_fn(model)
-        model.train()
+        with parallel.evaluating() as module, torch.no_grad(), autocast:
+            result = eval_fn(module)
         history["evals"].append((step, result))
-        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in result.items()))
+        if main:
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in result.items()))
 
-    model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and main),
                desc="train", dynamic_ncols=True)
     tokens, t0 = 0, time.perf_counter()
     graphed = GraphedStep(model, batches, loss_fn, train_params, optimizer, scheduler, cfg, autocast, device) \
@@ -230,9 +270,9 @@ def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None
             if graphed is not None:
                 loss, n = graphed(step, ckpt)
             else:
-                loss, n = _optimizer_step(model, batches, step, cfg, loss_fn, train_params, optimizer, scheduler,
+                loss, n = _optimizer_step(parallel, batches, step, cfg, train_params, optimizer, scheduler,
                                           autocast, device, ckpt)
-            tokens += n
+            tokens += n * distributed.world_size()
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 history["step"].append(done)
@@ -243,18 +283,22 @@ def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 run_eval(done)
             if ckpt is not None and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-                save_checkpoint(ckpt, model, optimizer, scheduler, done, cfg, history)
+                save_checkpoint(ckpt, parallel.module, optimizer, scheduler, done, cfg, history)
+        if eval_fn is not None and not cfg.eval_every:
+            run_eval(cfg.steps)
+    except NonFiniteLossError:  # every process stops at the same step (the loss checked is the global one)
+        parallel.release()
+        raise
     finally:
         bar.close()
         restore_flags()
-    if eval_fn is not None and not cfg.eval_every:
-        run_eval(cfg.steps)
+    parallel.release()
     return history
 
 
 def _freeze_all_but(model, params=None):
     """Make `params` (default: the parameters that require grad) the only trainable ones of `model`.
-    Returns (that list, a function that restores every parameter's `requires_grad` flag)."""
+    Returns a function that restores every parameter's `requires_grad` flag."""
     all_params = list(model.parameters())
     train_params = [p for p in all_params if p.requires_grad] if params is None else list(params)
     if not train_params:
@@ -270,48 +314,54 @@ def _freeze_all_but(model, params=None):
         for p, flag in zip(all_params, saved_flags):
             p.requires_grad_(flag)
 
-    return train_params, restore_flags
+    return restore_flags
 
 
 def _resume_or_start(ckpt, cfg, model, optimizer, scheduler):
     """(first step, history): from the checkpoint `ckpt` when it exists and `cfg.resume` (model, optimizer,
-    scheduler and RNG states restored), else step 0 with every RNG seeded from `cfg.seed`."""
-    if ckpt is not None and cfg.resume and ckpt.exists():
+    scheduler and RNG states restored), else step 0 with every RNG seeded from `cfg.seed` (plus the rank
+    under torchrun: each process its own random stream, e.g. for dropout on its rows)."""
+    if ckpt is not None and cfg.resume and distributed.broadcast_object(ckpt.exists()):  # rank 0's file system
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         return state["step"], state["history"]
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed = cfg.seed + distributed.rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
     return 0, {"step": [], "loss": [], "lr": [], "tokens_per_s": 0.0, "evals": []}
 
 
-def _optimizer_step(model, batches, step, cfg, loss_fn, train_params, optimizer, scheduler, autocast, device, ckpt):
-    """One optimizer step: `cfg.grad_accum` forward/backward passes, the finiteness checks, gradient
-    clipping, AdamW and the schedule. Returns (mean loss, tokens seen); `ckpt` only names the last good
+def _optimizer_step(parallel, batches, step, cfg, train_params, optimizer, scheduler, autocast, device, ckpt):
+    """One optimizer step: `cfg.grad_accum` forward/backward passes (gradients averaged over processes
+    once, after the last), the finiteness checks, gradient clipping, AdamW and the schedule. Returns
+    (mean loss over the global batch, tokens this process saw); `ckpt` only names the last good
     checkpoint in the error message."""
-    loss_sum, tokens = 0.0, 0
+    losses, tokens = [], 0
     for micro in range(cfg.grad_accum):
         batch = to_device(batches(step * cfg.grad_accum + micro), device)
-        with autocast:
-            loss = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {step} (micro-batch {micro}); training stopped. "
-                + (f"The last good checkpoint is {ckpt} (step {(step // cfg.ckpt_every) * cfg.ckpt_every}). "
-                   if ckpt is not None and cfg.ckpt_every and step >= cfg.ckpt_every else "")
-                + "Lower the learning rate, check the data, or turn on grad_clip.")
-        (loss / cfg.grad_accum).backward()
-        loss_sum += loss.item() / cfg.grad_accum
+        with parallel.no_sync() if micro < cfg.grad_accum - 1 else nullcontext():
+            with autocast:
+                loss = parallel.loss(batch)
+            (loss / cfg.grad_accum).backward()
+        losses.append(loss.detach().float())
         tokens += count_tokens(batch)
+    loss = distributed.mean_over_ranks(torch.stack(losses).mean()).item()
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {step}; training stopped before the update. "
+            + (f"The last good checkpoint is {ckpt} (step {(step // cfg.ckpt_every) * cfg.ckpt_every}). "
+               if ckpt is not None and cfg.ckpt_every and step >= cfg.ckpt_every else "")
+            + "Lower the learning rate, check the data, or turn on grad_clip.")
     if cfg.grad_clip:
         norm = torch.nn.utils.clip_grad_norm_(train_params, cfg.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
         if not torch.isfinite(norm):
             raise NonFiniteLossError(f"gradient norm is {norm.item()} at step {step}; training stopped "
                                      f"before the update. Last good checkpoint: {ckpt}")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, tokens
+    return loss, tokens
 
 
 class GraphedStep:

@@ -1,0 +1,138 @@
+"""Data-parallel training in 2 CPU processes (gloo), spawned here the way torchrun starts them: the same
+losses and weights as one process on the same global batch (DDP and FSDP2), an exact resume after a kill,
+and checkpoints that load in one process."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from minihalo import HybridConfig, HybridLM, distributed
+from minihalo.train import TrainConfig, load_checkpoint, next_token_loss, train
+
+V, T, B = 64, 16, 4  # B: rows of the global batch
+CONFIG = HybridConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                      num_kv_heads=1, head_dim=16, layer_types=["attention", "lightning"], lin_impl="chunk")
+
+
+def batches(i):  # (B, T+1), a pure function of the micro-batch index; learnable: rows count up mod V
+    start = torch.randint(0, V, (B, 1), generator=torch.Generator().manual_seed(i))
+    return (start + torch.arange(T + 1)) % V
+
+
+def cfg(**kw):
+    return TrainConfig(**{**dict(steps=6, lr=1e-2, min_lr=1e-3, warmup_steps=2, grad_accum=2, progress=False),
+                          **kw})
+
+
+def noisy_loss(model, batch):
+    """Next-token loss times a factor drawn from the torch RNG, as dropout would draw: a resumed run
+    matches only if every process gets its own RNG state back."""
+    return next_token_loss(model, batch) * (1 + 0.5 * torch.rand(()))
+
+
+# --------------------------------------------------------------------------------------------
+# Spawning: each process gets torchrun's environment variables, then runs `job(*args)`
+# --------------------------------------------------------------------------------------------
+def _process(rank, world, port, job, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        job(*args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def spawn(job, *args, world=2):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_process, args=(world, port, job, args), nprocs=world)
+
+
+def train_job(folder, parallel, loss_fn=next_token_loss, kill_at=None, **kw):
+    """Train a fresh model (same initial weights on every process); save its history and final weights
+    per rank. With `kill_at`, the run stops at that micro-batch as a killed one would."""
+    torch.manual_seed(0)
+    model = HybridLM(CONFIG)
+
+    def data(i):
+        if i == kill_at:
+            raise KeyboardInterrupt("simulated kill")
+        return batches(i)
+
+    try:
+        hist = train(model, data, cfg(parallel=parallel, ckpt_dir=str(folder / "ckpt"), ckpt_every=2, **kw),
+                     loss_fn=loss_fn)
+    except KeyboardInterrupt:
+        return
+    torch.save({"history": hist, "weights": model.state_dict()}, folder / f"rank{distributed.rank()}.pt")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# --------------------------------------------------------------------------------------------
+# The tests
+# --------------------------------------------------------------------------------------------
+def test_shard_rows_split_the_global_batch():
+    parts = [distributed.shard_rows(batches, r, 2)(5) for r in range(2)]
+    assert [p.shape[0] for p in parts] == [B // 2, B // 2]
+    assert torch.equal(torch.cat(parts), batches(5))  # disjoint, together the whole batch, in order
+    with pytest.raises(ValueError, match="multiple of 3"):
+        distributed.shard_rows(batches, 0, 3)(0)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, parallel):
+    """2 processes x 2 rows = one process x 4 rows: the same loss at every step and the same weights,
+    on both processes. fp32 throughout, so the only difference is the order of float sums (gradients
+    of two half-batch means averaged, vs one mean; the loss's all-reduce): 1e-5 relative, not bitwise."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    train_job(one, parallel)
+    spawn(train_job, two, parallel)
+    ref = torch.load(one / "rank0.pt")
+    runs = [torch.load(two / f"rank{r}.pt") for r in range(2)]
+    assert ref["history"]["loss"][-1] < ref["history"]["loss"][0] - 0.3  # it learns
+    for run in runs:
+        assert run["history"]["step"] == ref["history"]["step"]
+        assert run["history"]["loss"] == pytest.approx(ref["history"]["loss"], rel=1e-5)
+        for name, w in ref["weights"].items():
+            assert rel(run["weights"][name], w) < 1e-5, name
+    for name, w in runs[0]["weights"].items():  # every process ends with the whole, same model
+        assert torch.equal(runs[1]["weights"][name], w), name
+    # the 2-process checkpoint: whole tensors by name, loadable with its AdamW state in one CPU process
+    model = HybridLM(CONFIG)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    assert load_checkpoint(two / "ckpt" / "last.pt", model, optimizer, scheduler)["step"] == 6
+    for name, w in model.state_dict().items():
+        assert torch.equal(w, runs[0]["weights"][name]), name
+    params = dict(model.named_parameters())
+    ref_state = torch.load(one / "ckpt" / "last.pt", weights_only=False)["optimizer"]["state"]
+    assert set(ref_state) == set(params)
+    for name, state in ref_state.items():
+        assert rel(optimizer.state[params[name]]["exp_avg"], state["exp_avg"]) < 1e-4, name
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_killed_and_resumed_match_uninterrupted(tmp_path, parallel):
+    """A 2-process run killed at step 5 (last checkpoint: step 4) and resumed by fresh processes ends
+    bitwise like an uninterrupted 2-process run; the loss draws from each process's RNG."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    spawn(train_job, whole, parallel, noisy_loss)
+    spawn(train_job, killed, parallel, noisy_loss, 2 * 5)  # micro-batch 10 = step 5
+    assert torch.load(killed / "ckpt" / "last.pt", weights_only=False)["step"] == 4
+    assert not (killed / "rank0.pt").exists()
+    spawn(train_job, killed, parallel, noisy_loss)
+    for r in range(2):
+        a, b = torch.load(whole / f"rank{r}.pt"), torch.load(killed / f"rank{r}.pt")
+        assert a["history"]["loss"] == b["history"]["loss"] and len(a["history"]["loss"]) == 6
+        for name, w in a["weights"].items():
+            assert torch.equal(b["weights"][name], w), name
