@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from minihalo import HybridConfig, HybridLM, distributed
-from minihalo.train import TrainConfig, load_checkpoint, next_token_loss, train
+from minihalo.train import TrainConfig, load_checkpoint, lr_at, next_token_loss, train
 
 V, T, B = 64, 16, 4  # B: rows of the global batch
 CONFIG = HybridConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
@@ -72,6 +72,26 @@ def train_job(folder, parallel, loss_fn=next_token_loss, kill_at=None, **kw):
     torch.save({"history": hist, "weights": model.state_dict()}, folder / f"rank{distributed.rank()}.pt")
 
 
+def reference_run(c):
+    """The training loop from scratch, one process: each step ONE forward over the whole global batch
+    (the grad_accum micro-batches concatenated), AdamW at lr_at, clipping. Returns (losses, weights)."""
+    torch.manual_seed(0)
+    model = HybridLM(CONFIG)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+    losses = []
+    for step in range(c.steps):
+        rows = torch.cat([batches(step * c.grad_accum + m) for m in range(c.grad_accum)])  # (accum*B, T+1)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, c)
+        loss = next_token_loss(model, rows)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, model.state_dict()
+
+
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -89,9 +109,10 @@ def test_shard_rows_split_the_global_batch():
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, parallel):
-    """2 processes x 2 rows = one process x 4 rows: the same loss at every step and the same weights,
-    on both processes. fp32 throughout, so the only difference is the order of float sums (gradients
-    of two half-batch means averaged, vs one mean; the loss's all-reduce): 1e-5 relative, not bitwise."""
+    """2 processes x 2 rows = one process x 4 rows = the loop from scratch on the 2 x 4 rows of a step at
+    once: the same loss at every step and the same weights, on both processes. fp32 throughout, so the
+    only difference is the order of float sums (means of micro-batches and of processes averaged vs one
+    mean; the all-reduces): 1e-5 relative, not bitwise."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     train_job(one, parallel)
@@ -99,6 +120,10 @@ def test_two_processes_match_one(tmp_path, parallel):
     ref = torch.load(one / "rank0.pt")
     runs = [torch.load(two / f"rank{r}.pt") for r in range(2)]
     assert ref["history"]["loss"][-1] < ref["history"]["loss"][0] - 0.3  # it learns
+    losses, weights = reference_run(cfg())  # one process = the loop from scratch on the whole global batch
+    assert ref["history"]["loss"] == pytest.approx(losses, rel=1e-5)
+    for name, w in weights.items():
+        assert rel(ref["weights"][name], w) < 1e-5, name
     for run in runs:
         assert run["history"]["step"] == ref["history"]["step"]
         assert run["history"]["loss"] == pytest.approx(ref["history"]["loss"], rel=1e-5)
