@@ -31,6 +31,7 @@ Shapes: B rows of a global batch, W processes (world size), r this process's ran
 import copy
 import os
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,8 @@ def setup():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # a long timeout: while rank 0 alone selects layers or writes the report, the others wait at a barrier
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
     return device()
 
 
@@ -75,6 +77,16 @@ def is_main():
 def barrier():
     if world_size() > 1:
         dist.barrier()
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. writes a cache), then the others (which find it written)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
 
 
 def mean_over_ranks(x):

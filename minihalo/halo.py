@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from minihalo import distributed
 from minihalo.convert import LIGHTNING_OPTIONS, from_hf, to_hypenet
 from minihalo.evaluate import heldout_windows, niah_accuracy, token_nll
 from minihalo.model import Context, HybridLM
@@ -128,7 +129,8 @@ def alignment_losses(teacher, student, input_ids):
 
 class LayerLossLog:
     """A stage-1 loss_fn for train(): the sum of the per-layer MSEs (the layers are independent, so each
-    RNN gets exactly its own gradient), with each call's per-layer values appended to a JSON-lines file.
+    RNN gets exactly its own gradient), with each call's per-layer values appended to a JSON-lines file
+    (under torchrun: the values of the whole batch, averaged over the processes' rows).
     A resumed run repeats the batches after its last checkpoint; `read_jsonl` keeps the latest line."""
 
     def __init__(self, teacher, path=None):
@@ -142,7 +144,7 @@ class LayerLossLog:
 
     def __call__(self, student, batch):
         per_layer = alignment_losses(self.teacher, student, batch[:, :-1])  # (L,)
-        row = {"batch": self.batch, "layer_mse": per_layer.tolist()}
+        row = {"batch": self.batch, "layer_mse": distributed.mean_over_ranks(per_layer).tolist()}
         self.rows.append(row)
         if self.path is not None:
             with open(self.path, "a") as f:
@@ -156,16 +158,18 @@ def mixer_parameters(model, kind=None):
             for p in layer.mixer.parameters()]
 
 
-def stage1_align(teacher, batches, cfg: TrainConfig, log_path=None, **lightning_options):
+def stage1_align(teacher, batches, cfg: TrainConfig, log_path=None, shard_teacher=False, **lightning_options):
     """Step 1 (docs/method.md §4): a Lightning layer for every layer by weight transfer (to_hypenet(teacher, [])),
     then only their parameters train on the MSE to the teacher's attention outputs; everything else
-    of the student stays bitwise as it was. Returns (student, history, per-layer loss rows)."""
+    of the student stays bitwise as it was. Returns (student, history, per-layer loss rows).
+    `shard_teacher`: under torchrun, each process holds 1/W of the teacher while training (FSDP2)."""
     check_transformer(teacher)
     teacher.eval().requires_grad_(False)
     student = to_hypenet(teacher, [], seed=cfg.seed, **lightning_options)
-    log = LayerLossLog(teacher, log_path)
-    history = train(student, log.batches(batches), cfg, loss_fn=log,
-                    params=mixer_parameters(student, "lightning"))
+    with distributed.sharded_frozen(teacher, shard_teacher) as frozen:
+        log = LayerLossLog(frozen, log_path)
+        history = train(student, log.batches(batches), cfg, loss_fn=log,
+                        params=mixer_parameters(student, "lightning"))
     return student, history, log.rows
 
 
@@ -294,13 +298,16 @@ def distill_loss(teacher, chunk_rows=1024):
     return loss_fn
 
 
-def stage2_distill(teacher, aligned, attn_layers, batches, cfg: TrainConfig, chunk_rows=1024, **hypenet_options):
+def stage2_distill(teacher, aligned, attn_layers, batches, cfg: TrainConfig, chunk_rows=1024, shard_teacher=False,
+                   **hypenet_options):
     """Step 3 (docs/method.md §4): assemble the HypeNet (the selected layers keep attention, now NoPE with a
-    new output gate; the rest take their aligned RNN) and train all of it on the KL to the teacher."""
+    new output gate; the rest take their aligned RNN) and train all of it on the KL to the teacher.
+    `shard_teacher`: under torchrun, each process holds 1/W of the teacher while training (FSDP2)."""
     check_transformer(teacher)
     teacher.eval().requires_grad_(False)
     student = to_hypenet(teacher, attn_layers, lightning_from=aligned, seed=cfg.seed, **hypenet_options)
-    history = train(student, batches, cfg, loss_fn=distill_loss(teacher, chunk_rows))
+    with distributed.sharded_frozen(teacher, shard_teacher) as frozen:
+        history = train(student, batches, cfg, loss_fn=distill_loss(frozen, chunk_rows))
     return student, history
 
 

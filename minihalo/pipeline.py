@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minihalo import distributed
 from minihalo.data import ByteTokenizer, HFTokenizer, PackedBatches, TokenFile, prepare
 from minihalo.evaluate import heldout_windows, token_nll
 from minihalo.halo import (STEPS, evenly_spaced_layers, lm_score, load_teacher, niah_recall, num_attention_layers,
@@ -49,6 +50,8 @@ class HaloConfig:
     device: str = None                # default: cuda if available
     seed: int = 0
     progress: bool = True
+    parallel: str = "auto"            # under torchrun: "ddp", "fsdp" or "auto" (see minihalo.distributed)
+    teacher_parallel: str = "replicate"  # under torchrun: the teacher whole on every GPU, or "shard" (FSDP2)
     # step 1
     steps_align: int = 150
     lr_align: float = 1e-3
@@ -116,15 +119,21 @@ class Run:
             raise ValueError(f"unknown stages {bad}; expected some of {STEPS}")
         if cfg.selection not in ("halo", "recall_drop", "even"):
             raise ValueError(f"selection must be 'halo', 'recall_drop' or 'even'; got {cfg.selection!r}")
+        if cfg.teacher_parallel not in ("replicate", "shard"):
+            raise ValueError(f"teacher_parallel must be 'replicate' or 'shard'; got {cfg.teacher_parallel!r}")
         self.cfg, self.dir = cfg, Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = distributed.setup()  # under torchrun: this process's GPU
+        if distributed.is_main():
+            (self.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+        self.device = device if distributed.world_size() > 1 else \
+            torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.teacher = load_teacher(cfg.teacher, self.device, self.dir, cfg.teacher_steps).eval()
         self.teacher.requires_grad_(False)
         self.T = cfg.seq_len or self.teacher.config.max_position_embeddings
         self.tok = ByteTokenizer() if cfg.tokenizer == "byte" else HFTokenizer(cfg.tokenizer)
-        self.data_dir = cfg.data_dir or prepare("english", self.tok)
+        with distributed.main_first():  # the corpus cache is written once, by rank 0
+            self.data_dir = cfg.data_dir or prepare("english", self.tok)
         self.val = TokenFile(self.data_dir, "val")
         if self.val.vocab_size > self.teacher.config.vocab_size:
             raise ValueError(f"the corpus in {self.data_dir} has vocabulary {self.val.vocab_size}, the teacher "
@@ -143,7 +152,7 @@ class Run:
         c = self.cfg
         return TrainConfig(steps=steps, lr=lr, min_lr=lr / 100, warmup_steps=min(c.warmup_steps, steps // 2),
                            seed=c.seed, progress=c.progress, ckpt_dir=str(self.dir / step / "ckpt"),
-                           ckpt_every=max(1, steps // 4), **kw)
+                           ckpt_every=max(1, steps // 4), parallel=c.parallel, **kw)
 
     def saved(self, step):
         """The model a finished step saved, or None."""
@@ -158,6 +167,8 @@ class Run:
         return model
 
     def finish(self, step, model, history, seconds, tokens):
+        if not distributed.is_main():  # every process holds the same trained model: rank 0 writes it
+            return model
         folder = self.dir / step
         write_jsonl(folder / "history.jsonl", [{"step": s, "loss": l, "lr": r} for s, l, r in
                                                zip(history["step"], history["loss"], history["lr"])])
@@ -174,7 +185,8 @@ class Run:
         t0 = time.perf_counter()
         model, hist, _ = stage1_align(self.teacher, self.batches(self.T, c.batch_align),
                                       self.train_cfg("align", c.steps_align, c.lr_align),
-                                      log_path=self.dir / "align" / "layers.jsonl")
+                                      log_path=self.dir / "align" / "layers.jsonl" if distributed.is_main() else None,
+                                      shard_teacher=c.teacher_parallel == "shard")
         return self.finish("align", model, hist, time.perf_counter() - t0, c.steps_align * c.batch_align * self.T)
 
     def select(self):
@@ -209,7 +221,8 @@ class Run:
         t0 = time.perf_counter()
         model, hist = stage2_distill(self.teacher, self.need("align"), self.layers(),
                                      self.batches(self.T, c.batch_distill),
-                                     self.train_cfg("distill", c.steps_distill, c.lr_distill), c.chunk_rows)
+                                     self.train_cfg("distill", c.steps_distill, c.lr_distill), c.chunk_rows,
+                                     shard_teacher=c.teacher_parallel == "shard")
         return self.finish("distill", model, hist, time.perf_counter() - t0,
                            c.steps_distill * c.batch_distill * self.T)
 
@@ -269,7 +282,8 @@ def read_jsonl(path, key=None):
 
 def run(cfg: HaloConfig):
     """The pipeline: each step in cfg.stages, in order; a step that finished before is loaded, not redone
-    (delete its folder to redo it). Returns the Run."""
+    (delete its folder to redo it). Returns the Run. Under torchrun the training steps (align, distill,
+    finetune) run on every process; select, scale and report on rank 0 while the others wait."""
     if not torch.cuda.is_available():
         torch.set_num_threads(min(2, torch.get_num_threads()))
     r = Run(cfg)
@@ -278,9 +292,12 @@ def run(cfg: HaloConfig):
             continue
         done = r.saved(step) is not None or (step == "select" and (r.dir / "select.json").is_file())
         if done and step in ("align", "select", "distill", "finetune"):
-            print(f"{step}: already done in {r.dir}")
+            if distributed.is_main():
+                print(f"{step}: already done in {r.dir}")
             continue
-        getattr(r, step)()
+        if step in ("align", "distill", "finetune") or distributed.is_main():
+            getattr(r, step)()
+        distributed.barrier()
     return r
 
 
@@ -301,7 +318,7 @@ def main(argv=None):
     cfg = preset_config(args.preset, stages=tuple(s.strip() for s in args.stages.split(",")),
                         progress=not args.no_progress, **changes)
     r = run(cfg)
-    if (r.dir / "report.md").is_file():
+    if (r.dir / "report.md").is_file() and distributed.is_main():
         print(f"report: {r.dir / 'report.md'}")
     return r
 

@@ -1,6 +1,7 @@
 """Data-parallel training in 2 CPU processes (gloo), spawned here the way torchrun starts them: the same
 losses and weights as one process on the same global batch (DDP and FSDP2), an exact resume after a kill,
 and checkpoints that load in one process."""
+import json
 import os
 import socket
 
@@ -9,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from minihalo import HybridConfig, HybridLM, distributed
+from minihalo.pipeline import main, read_jsonl
 from minihalo.train import TrainConfig, load_checkpoint, lr_at, next_token_loss, train
 
 V, T, B = 64, 16, 4  # B: rows of the global batch
@@ -161,3 +163,43 @@ def test_two_processes_killed_and_resumed_match_uninterrupted(tmp_path, parallel
         assert a["history"]["loss"] == b["history"]["loss"] and len(a["history"]["loss"]) == 6
         for name, w in a["weights"].items():
             assert torch.equal(b["weights"][name], w), name
+
+
+# --------------------------------------------------------------------------------------------
+# The HALO pipeline under torchrun: the same command, 2 processes
+# --------------------------------------------------------------------------------------------
+from test_halo import tiny_args, tiny_world  # noqa: E402,F401  (the tiny teacher and corpus)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_world):  # noqa: F811
+    root, data = tiny_world
+    main(tiny_args(root, data, "one"))
+    return root / "one"
+
+
+@pytest.mark.parametrize("parallel, teacher", [("ddp", "replicate"), ("fsdp", "shard")])
+def test_pipeline_in_two_processes_matches_one(tiny_world, one_process_run, parallel, teacher):  # noqa: F811
+    """Every step of `python -m minihalo.halo` in 2 processes (training on both, selection, query scale and
+    report on rank 0) gives one process's run: losses, per-layer alignment errors, layer scores and choice,
+    query scale, final weights. fp32; float summation order only, compounded over the steps: 1e-4."""
+    root, data = tiny_world
+    spawn(main, tiny_args(root, data, parallel) + ["--parallel", parallel, "--teacher-parallel", teacher])
+    one, two = one_process_run, root / parallel
+    for step in ("align", "distill", "finetune"):
+        a, b = read_jsonl(one / step / "history.jsonl"), read_jsonl(two / step / "history.jsonl")
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4), step
+    a, b = read_jsonl(one / "align" / "layers.jsonl"), read_jsonl(two / "align" / "layers.jsonl")
+    assert len(a) == len(b) == 3  # written once, by rank 0
+    for r, s in zip(a, b):
+        assert s["layer_mse"] == pytest.approx(r["layer_mse"], rel=1e-4)
+    sel_a, sel_b = (json.loads((d / "select.json").read_text()) for d in (one, two))
+    assert sel_b["layers"] == sel_a["layers"]
+    assert list(sel_b["csr"].values()) == pytest.approx(list(sel_a["csr"].values()), rel=1e-4)
+    scale_a, scale_b = (json.loads((d / "scale.json").read_text()) for d in (one, two))
+    assert scale_b["a"] == scale_a["a"]
+    ha, hb = (HybridLM.from_pretrained(str(d / "hybrid")).state_dict() for d in (one, two))
+    for name, w in ha.items():
+        assert rel(hb[name], w) < 1e-4, name
+    assert (two / "report.md").is_file()
