@@ -35,27 +35,32 @@ def noisy_loss(model, batch):
 
 
 # --------------------------------------------------------------------------------------------
-# Spawning: each process gets torchrun's environment variables, then runs `job(*args)`
+# Spawning: each process gets torchrun's environment variables, then runs the job
 # --------------------------------------------------------------------------------------------
-def _process(rank, world, port, job, args):
+def _process(rank, world, port, job, args, kw):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        job(*args)
+        job(*args, **kw)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def spawn(job, *args, world=2):
+def spawn(job, *args, **kw):
+    """Run job(*args, **kw) in 2 fresh processes, as `torchrun --nproc_per_node=2` would."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_process, args=(world, port, job, args), nprocs=world)
+    mp.spawn(_process, args=(2, port, job, args, kw), nprocs=2)
 
 
-def train_job(folder, parallel, loss_fn=next_token_loss, kill_at=None, **kw):
+def held_out_loss(model):  # an eval_fn: the whole model on every process
+    return {"loss": next_token_loss(model, batches(10_000)).item()}
+
+
+def train_job(folder, parallel, loss_fn=next_token_loss, kill_at=None, eval_fn=None, **kw):
     """Train a fresh model (same initial weights on every process); save its history and final weights
     per rank. With `kill_at`, the run stops at that micro-batch as a killed one would."""
     torch.manual_seed(0)
@@ -68,7 +73,7 @@ def train_job(folder, parallel, loss_fn=next_token_loss, kill_at=None, **kw):
 
     try:
         hist = train(model, data, cfg(parallel=parallel, ckpt_dir=str(folder / "ckpt"), ckpt_every=2, **kw),
-                     loss_fn=loss_fn)
+                     loss_fn=loss_fn, eval_fn=eval_fn)
     except KeyboardInterrupt:
         return
     torch.save({"history": hist, "weights": model.state_dict()}, folder / f"rank{distributed.rank()}.pt")
@@ -112,13 +117,13 @@ def test_shard_rows_split_the_global_batch():
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, parallel):
     """2 processes x 2 rows = one process x 4 rows = the loop from scratch on the 2 x 4 rows of a step at
-    once: the same loss at every step and the same weights, on both processes. fp32 throughout, so the
+    once: the same loss at every step, the same evaluations and the same weights, on both processes. fp32 throughout, so the
     only difference is the order of float sums (means of micro-batches and of processes averaged vs one
     mean; the all-reduces): 1e-5 relative, not bitwise."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    train_job(one, parallel)
-    spawn(train_job, two, parallel)
+    train_job(one, parallel, eval_fn=held_out_loss, eval_every=3)
+    spawn(train_job, two, parallel, eval_fn=held_out_loss, eval_every=3)
     ref = torch.load(one / "rank0.pt")
     runs = [torch.load(two / f"rank{r}.pt") for r in range(2)]
     assert ref["history"]["loss"][-1] < ref["history"]["loss"][0] - 0.3  # it learns
@@ -129,6 +134,8 @@ def test_two_processes_match_one(tmp_path, parallel):
     for run in runs:
         assert run["history"]["step"] == ref["history"]["step"]
         assert run["history"]["loss"] == pytest.approx(ref["history"]["loss"], rel=1e-5)
+        assert [e["loss"] for _, e in run["history"]["evals"]] == \
+            pytest.approx([e["loss"] for _, e in ref["history"]["evals"]], rel=1e-5)
         for name, w in ref["weights"].items():
             assert rel(run["weights"][name], w) < 1e-5, name
     for name, w in runs[0]["weights"].items():  # every process ends with the whole, same model
