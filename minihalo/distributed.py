@@ -229,8 +229,9 @@ class ParallelModel:
         elif self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
             self.module = model
-            self.wrapper = DistributedDataParallel(LossModule(model, loss_fn),
-                                                   device_ids=[dev.index] if dev.type == "cuda" else None)
+            self.wrapper = DistributedDataParallel(  # gradients live in DDP's buckets: no second copy
+                LossModule(model, loss_fn), device_ids=[dev.index] if dev.type == "cuda" else None,
+                gradient_as_bucket_view=True)
         else:
             self.wrapper, self.module = _sharded_twin(model, dev, lambda twin: LossModule(twin, loss_fn))
 

@@ -117,13 +117,16 @@ def test_shard_rows_split_the_global_batch():
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, parallel):
     """2 processes x 2 rows = one process x 4 rows = the loop from scratch on the 2 x 4 rows of a step at
-    once: the same loss at every step, the same evaluations and the same weights, on both processes. fp32 throughout, so the
-    only difference is the order of float sums (means of micro-batches and of processes averaged vs one
-    mean; the all-reduces): 1e-5 relative, not bitwise."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
+    once: the same loss at every step, the same evaluations and the same weights, on both processes; also
+    when 2 processes are killed after a checkpoint and one process resumes. fp32 throughout, so the only
+    difference is the order of float sums (means of micro-batches and of processes averaged vs one mean;
+    the all-reduces): 1e-5 relative, not bitwise."""
+    one, two, two_then_one = tmp_path / "one", tmp_path / "two", tmp_path / "two_then_one"
+    one.mkdir(), two.mkdir(), two_then_one.mkdir()
     train_job(one, parallel, eval_fn=held_out_loss, eval_every=3)
     spawn(train_job, two, parallel, eval_fn=held_out_loss, eval_every=3)
+    spawn(train_job, two_then_one, parallel, kill_at=2 * 5, eval_fn=held_out_loss, eval_every=3)  # killed ...
+    train_job(two_then_one, parallel, eval_fn=held_out_loss, eval_every=3)  # ... resumed by one process
     ref = torch.load(one / "rank0.pt")
     runs = [torch.load(two / f"rank{r}.pt") for r in range(2)]
     assert ref["history"]["loss"][-1] < ref["history"]["loss"][0] - 0.3  # it learns
@@ -131,7 +134,7 @@ def test_two_processes_match_one(tmp_path, parallel):
     assert ref["history"]["loss"] == pytest.approx(losses, rel=1e-5)
     for name, w in weights.items():
         assert rel(ref["weights"][name], w) < 1e-5, name
-    for run in runs:
+    for run in runs + [torch.load(two_then_one / "rank0.pt")]:
         assert run["history"]["step"] == ref["history"]["step"]
         assert run["history"]["loss"] == pytest.approx(ref["history"]["loss"], rel=1e-5)
         assert [e["loss"] for _, e in run["history"]["evals"]] == \
