@@ -114,6 +114,15 @@ def test_shard_rows_split_the_global_batch():
         distributed.shard_rows(batches, 0, 3)(0)
 
 
+def test_parallel_choice():
+    model = HybridLM(CONFIG)
+    assert distributed.resolve_parallel(model, "auto", "cpu") == "ddp"  # no GPU memory to run out of
+    assert distributed.resolve_parallel(model, "fsdp", "cpu") == "fsdp"
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        distributed.resolve_parallel(model, "zero")
+    assert distributed.fsdp_units(model) == [m for block in model.layers for m in (block.mixer, block.mlp)]
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, parallel):
     """2 processes x 2 rows = one process x 4 rows = the loop from scratch on the 2 x 4 rows of a step at

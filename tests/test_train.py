@@ -131,6 +131,8 @@ def test_config_errors():
         TrainConfig(steps=3, ckpt_every=1)
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(steps=3, schedule="linear")
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        TrainConfig(steps=3, parallel="zero")
     with pytest.raises(ValueError, match="no gradient-checkpointing switch"):
         train(TinyLM(), batches, cfg(steps=1, grad_checkpointing=True))
     with pytest.raises(ValueError, match="grad_accum=1"):
