@@ -206,7 +206,7 @@ def _gather_into(model, twin, root):
     shards = dict(twin.named_parameters())
     for name, p in model.named_parameters():
         q = shards[name]
-        p.data = (q.full_tensor() if isinstance(q, DTensor) else q).detach().clone()
+        p.data = q.full_tensor().detach() if isinstance(q, DTensor) else q.detach().clone()
 
 
 class ParallelModel:
@@ -218,7 +218,9 @@ class ParallelModel:
     - `no_sync()`: a context for the micro-batches before the last of an accumulated step: gradients
       add up locally and are averaged once, after the last
     - `evaluating()`: a context giving the module in eval mode, for an evaluation on every process
-    - `release()`: the trained weights back in the model, whole, on every process (FSDP2; else nothing)
+    - `release()`: the trained weights back in the model, whole, on every process (FSDP2; else nothing).
+      A run stopped by an error other than NonFiniteLossError is not released: under FSDP2 the model's
+      parameters stay empty (its checkpoint holds the weights)
     """
 
     def __init__(self, model, loss_fn, parallel="ddp", dev=None):

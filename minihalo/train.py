@@ -26,9 +26,9 @@ come from rank 0, and checkpoints hold whole (gathered) tensors keyed by paramet
 resumes on another number of processes, or on one CPU. `model` ends with the trained weights, whole,
 on every process.
 
-`cuda_graph=True` (CUDA only, one process, one micro-batch per step) captures the whole optimizer step (forward,
-backward, clipping, AdamW) once as a CUDA graph and replays it: a small model's eager step is bound by
-the host launching about a thousand kernels, a replay is one launch. Same parameters and data as the
+`cuda_graph=True` (CUDA only, one process, one micro-batch per step) captures the whole optimizer
+step (forward, backward, clipping, AdamW) once as a CUDA graph and replays it: a small model's eager
+step is bound by the host launching about a thousand kernels, a replay is one launch. Same parameters and data as the
 eager loop; the loss is checked after the step, so a non-finite loss stops the run with the bad update
 applied (the last checkpoint on disk is still good).
 
@@ -343,7 +343,7 @@ def _optimizer_step(parallel, batches, step, cfg, train_params, optimizer, sched
             with autocast:
                 loss = parallel.loss(batch)
             (loss / cfg.grad_accum).backward()
-        losses.append(loss.detach().float())
+        losses.append(loss.detach().double())
         tokens += count_tokens(batch)
     loss = distributed.mean_over_ranks(torch.stack(losses).mean()).item()
     if not math.isfinite(loss):
