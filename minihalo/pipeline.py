@@ -3,6 +3,7 @@
     python -m minihalo.halo --preset tiny                 # the whole pipeline on a CPU in minutes
     python -m minihalo.halo --preset small --out runs/s1  # one GPU, longer runs
     python -m minihalo.halo --out runs/s1 --stages distill,finetune,scale,report   # resume / redo stages
+    torchrun --nproc_per_node=8 -m minihalo.halo --preset small --out runs/s8    # 8 GPUs (minihalo.distributed)
 
 From Python: `run(HaloConfig(...))` or `run(preset_config("tiny", out="runs/mine"))`. The run folder:
 
@@ -173,6 +174,7 @@ class Run:
         write_jsonl(folder / "history.jsonl", [{"step": s, "loss": l, "lr": r} for s, l, r in
                                                zip(history["step"], history["loss"], history["lr"])])
         stats = {"seconds": seconds, "tokens": tokens, "tokens_per_s": history["tokens_per_s"],
+                 "processes": distributed.world_size(),
                  "final_loss": history["loss"][-1] if history["loss"] else None}
         (folder / "stats.json").write_text(json.dumps(stats, indent=1))
         model.save_pretrained(str(folder / "model"))

@@ -222,3 +222,4 @@ def test_pipeline_in_two_processes_matches_one(tiny_world, one_process_run, para
     for name, w in ha.items():
         assert rel(hb[name], w) < 1e-4, name
     assert (two / "report.md").is_file()
+    assert [json.loads((d / "distill" / "stats.json").read_text())["processes"] for d in (one, two)] == [1, 2]
