@@ -223,3 +223,41 @@ def test_pipeline_in_two_processes_matches_one(tiny_world, one_process_run, para
         assert rel(hb[name], w) < 1e-4, name
     assert (two / "report.md").is_file()
     assert [json.loads((d / "distill" / "stats.json").read_text())["processes"] for d in (one, two)] == [1, 2]
+
+
+def test_readme_memory_table_counts():
+    """The parameter counts behind README's memory table (Several GPUs), from HybridLM on the meta device
+    with Qwen3's shapes and 1/4 attention layers, and the table's cells from them."""
+    from dataclasses import replace
+
+    def billions(model, modules=None):
+        return sum(p.numel() for m in (modules or [model]) for p in m.parameters()) / 1e9
+
+    table = {}
+    for name, d, ff, L, H, tied in [("1.7B", 2048, 6144, 28, 16, True), ("8B", 4096, 12288, 36, 32, False)]:
+        tc = HybridConfig(vocab_size=151936, hidden_size=d, intermediate_size=ff, num_layers=L, num_heads=H,
+                          num_kv_heads=8, head_dim=128, tie_word_embeddings=tied)
+        hype = dict(attn_rope=False, attn_output_gate=True)  # to_hypenet's defaults for the kept attention layers
+        with torch.device("meta"):
+            teacher = HybridLM(tc)
+            student = HybridLM(replace(tc, layer_types=["attention"] * (L // 4) + ["lightning"] * (L - L // 4), **hype))
+            step1 = HybridLM(replace(tc, layer_types=["lightning"] * L))
+        units = distributed.fsdp_units(student)
+        c = dict(P=billions(student), T=billions(teacher), P1=billions(step1),
+                 M=billions(step1, [b.mixer for b in step1.layers]), R=billions(student) - billions(student, units),
+                 U=max(billions(u) for u in units))
+        table[name] = c
+    assert {k: round(v, 2) for k, v in table["1.7B"].items() if k != "U"} == \
+        dict(P=1.93, T=1.72, P1=1.96, M=0.59, R=0.31)
+    assert {k: round(v, 2) for k, v in table["8B"].items() if k != "U"} == \
+        dict(P=9.47, T=8.19, P1=9.70, M=3.02, R=1.24)
+    assert round(table["1.7B"]["U"], 3) == 0.038 and round(table["8B"]["U"], 3) == 0.151
+
+    def column(c, W):  # GB per GPU: student steps 3-4 DDP, FSDP2; step 1 DDP, FSDP2; teacher replicate, shard
+        P, T, P1, M, R, U = (c[k] for k in ("P", "T", "P1", "M", "R", "U"))
+        return [round(x, 1) for x in (18 * P, 16 * P / W + 8 * R + 12 * U, 18 * M + 4 * (P1 - M),
+                                      (16 * M + 4 * (P1 - M)) / W + 4 * R + 12 * U, 4 * T, 4 * T / W + 4 * R + 8 * U)]
+
+    assert column(table["1.7B"], 8) == [34.7, 6.8, 16.0, 3.6, 6.9, 2.4]
+    assert column(table["8B"], 2) == [170.5, 87.6, 81.1, 44.3, 32.8, 22.6]
+    assert column(table["8B"], 8) == [170.5, 30.7, 81.1, 16.2, 32.8, 10.3]
