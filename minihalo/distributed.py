@@ -54,6 +54,12 @@ def setup():
     return device()
 
 
+def teardown():
+    """Leave the process group (at the end of a torchrun program; nothing in one process)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def device():
     """This process's device: its GPU (LOCAL_RANK) when there is one, else the CPU."""
     if torch.cuda.is_available():

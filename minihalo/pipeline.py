@@ -322,6 +322,7 @@ def main(argv=None):
     r = run(cfg)
     if (r.dir / "report.md").is_file() and distributed.is_main():
         print(f"report: {r.dir / 'report.md'}")
+    distributed.teardown()
     return r
 
 

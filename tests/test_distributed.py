@@ -44,8 +44,7 @@ def _process(rank, world, port, job, args, kw):
     try:
         job(*args, **kw)
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.teardown()
 
 
 def spawn(job, *args, **kw):
