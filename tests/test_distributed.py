@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from minihalo import HybridConfig, HybridLM, distributed
 from minihalo.pipeline import main, read_jsonl
-from minihalo.train import TrainConfig, load_checkpoint, lr_at, next_token_loss, train
+from minihalo.train import NonFiniteLossError, TrainConfig, load_checkpoint, lr_at, next_token_loss, train
 
 V, T, B = 64, 16, 4  # B: rows of the global batch
 CONFIG = HybridConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
@@ -181,6 +181,38 @@ def test_two_processes_killed_and_resumed_match_uninterrupted(tmp_path, parallel
         assert a["history"]["loss"] == b["history"]["loss"] and len(a["history"]["loss"]) == 6
         for name, w in a["weights"].items():
             assert torch.equal(b["weights"][name], w), name
+
+
+def nan_job(folder, parallel):
+    """Rank 1's loss is NaN at step 3 (micro-batch 6); rank 0's is fine."""
+    torch.manual_seed(0)
+    model = HybridLM(CONFIG)
+    micro = {"i": -1}
+
+    def data(i):
+        micro["i"] = i
+        return batches(i)
+
+    def loss_fn(model, batch):
+        loss = next_token_loss(model, batch)
+        return loss * float("nan") if micro["i"] == 6 and distributed.rank() == 1 else loss
+
+    try:
+        train(model, data, cfg(parallel=parallel), loss_fn=loss_fn)
+    except NonFiniteLossError as e:
+        torch.save({"error": str(e), "weights": model.state_dict()}, folder / f"rank{distributed.rank()}.pt")
+
+
+def test_a_nan_on_one_process_stops_every_process(tmp_path):
+    """The NaN guard reads the loss averaged over processes: both stop at the same step, before its
+    update, instead of one stopping while the other waits for it in the next all-reduce."""
+    spawn(nan_job, tmp_path, "fsdp")
+    runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for run in runs:
+        assert "loss is nan at step 3" in run["error"]
+        assert all(torch.isfinite(w).all() for w in run["weights"].values())  # whole again, no bad update
+    for name, w in runs[0]["weights"].items():
+        assert torch.equal(runs[1]["weights"][name], w), name
 
 
 # --------------------------------------------------------------------------------------------
