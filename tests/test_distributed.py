@@ -4,6 +4,7 @@ and checkpoints that load in one process."""
 import json
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -37,22 +38,25 @@ def noisy_loss(model, batch):
 # --------------------------------------------------------------------------------------------
 # Spawning: each process gets torchrun's environment variables, then runs the job
 # --------------------------------------------------------------------------------------------
-def _process(rank, world, port, job, args, kw):
+def _process(rank, world, port, timeout, job, args, kw):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    if timeout:  # else distributed.setup() joins, with its long timeout
+        torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=timeout))
     try:
         job(*args, **kw)
     finally:
         distributed.teardown()
 
 
-def spawn(job, *args, **kw):
-    """Run job(*args, **kw) in 2 fresh processes, as `torchrun --nproc_per_node=2` would."""
+def spawn(job, *args, timeout=None, **kw):
+    """Run job(*args, **kw) in 2 fresh processes, as `torchrun --nproc_per_node=2` would. With `timeout`
+    (seconds), a collective that waits longer fails instead of hanging."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_process, args=(2, port, job, args, kw), nprocs=2)
+    mp.spawn(_process, args=(2, port, timeout, job, args, kw), nprocs=2)
 
 
 def held_out_loss(model):  # an eval_fn: the whole model on every process
@@ -206,7 +210,7 @@ def nan_job(folder, parallel):
 def test_a_nan_on_one_process_stops_every_process(tmp_path):
     """The NaN guard reads the loss averaged over processes: both stop at the same step, before its
     update, instead of one stopping while the other waits for it in the next all-reduce."""
-    spawn(nan_job, tmp_path, "fsdp")
+    spawn(nan_job, tmp_path, "fsdp", timeout=30)
     runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for run in runs:
         assert "loss is nan at step 3" in run["error"]
