@@ -368,6 +368,8 @@ def check_run_folder(cfg):
                                    f"redo it and every step after it (--redo {step}), or use another run folder "
                                    "(--out)")
             continue
+        if not records[step]["done"] and not has_checkpoint(d, step):
+            continue  # started, but stopped before anything was saved
         old = records[step]["settings"]
         changes = [f"{k} {old.get(k, defaults[k])} → {v}" for k, v in step_settings(cfg, step).items()
                    if old.get(k, defaults[k]) != v]
@@ -384,6 +386,10 @@ def check_run_folder(cfg):
             raise ConfigError("stages", f"'{step}' needs the results of '{need}', which {d} does not hold; add "
                               f"{need} to the stages ({','.join(cfg.stages)})")
     return records
+
+
+def has_checkpoint(folder, step):
+    return any((Path(folder) / step).glob("**/ckpt/last.pt"))
 
 
 def checkpoint_step(ckpt_dir):
@@ -475,6 +481,8 @@ class Run:
         if later:
             print(f"removing the results of {', '.join(later)}: they were built on an earlier {step}")
         self.remove(later + (["report"] if step == "report" else []))
+        if step in ("align", "distill", "finetune") and not has_checkpoint(self.dir, step):
+            shutil.rmtree(self.dir / step, ignore_errors=True)  # what a start that saved no checkpoint left
         self.record(step, done=False)
         getattr(self, step)()
         self.record(step, done=True)

@@ -290,6 +290,8 @@ def test_ctrl_c_in_a_step_without_checkpoints(world, tmp_path, monkeypatch):
                                  data_dir=str(world[1]), progress=False, steps_align=2)
     with pytest.raises(Interrupted, match="^interrupted; run the same command to resume from the start of select$"):
         run(cfg)
+    with pytest.raises(Interrupted):  # select saved nothing: a new setting of it is no reason to refuse
+        run(replace(cfg, select_samples=3))
     with pytest.raises(Interrupted, match="without --redo align to resume from the start of select$"):
         run(replace(cfg, redo="align"))
 
