@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -231,8 +230,9 @@ def check_config(cfg: HaloConfig):
     _expect(len(c.stages) > 0 and set(c.stages) <= set(STEPS), "stages", f"names from {','.join(STEPS)}",
             ",".join(c.stages))
     _expect(c.redo is None or c.redo in c.stages, "redo", f"a step of --stages ({','.join(c.stages)})", c.redo)
-    _expect(sum(x is not None for x in (c.k, c.attn_ratio, c.attn_layers)) <= 1, "k",
-            "at most one of k, attn_ratio and attn_layers", (c.k, c.attn_ratio, c.attn_layers))
+    given = [name for name in ("k", "attn_ratio", "attn_layers") if getattr(c, name) is not None]
+    if len(given) > 1:
+        raise ConfigError(given[1], f"give one of k, attn_ratio and attn_layers; got {given[0]} too")
     _expect(not Path(c.out).exists() or Path(c.out).is_dir(), "out", "a folder (this is a file)", c.out)
     _expect(c.teacher_steps is None or c.teacher == "toy-scratch", "teacher_steps",
             "nothing unless --teacher toy-scratch", c.teacher_steps)
@@ -241,8 +241,10 @@ def check_config(cfg: HaloConfig):
             "a folder written by minihalo.data.prepare (with meta.json)", c.data_dir)
     _expect(c.tokenizer == "byte" or Path(c.tokenizer).is_dir() or c.tokenizer.count("/") == 1, "tokenizer",
             "'byte', a tokenizer folder or a hub id", c.tokenizer)
-    teacher = teacher_config(c.teacher)
+    teacher = read_teacher_config(c.teacher)
     L = teacher.num_layers
+    _expect(c.tokenizer != "byte" or teacher.vocab_size == 256, "tokenizer", f"the teacher's own tokenizer (its "
+            f"vocabulary has {teacher.vocab_size} tokens, not the 256 bytes)", c.tokenizer)
     _expect(c.k is None or 0 <= c.k <= L, "k", f"0 to {L} (the teacher has {L} layers)", c.k)
     if c.attn_layers is not None:
         _expect(all(0 <= i < L for i in c.attn_layers), "attn_layers",
@@ -266,7 +268,7 @@ def check_device(device):
         _expect(d.type == "cpu", "device", "cpu, cuda or cuda:N", device)
 
 
-def teacher_config(teacher):
+def read_teacher_config(teacher):
     """The HybridConfig of the teacher HaloConfig.teacher names, from its config file alone (no weights), checked
     to be a Transformer; a ConfigError("teacher", ...) if there is none."""
     from minihalo.convert import config_from_hf
@@ -285,7 +287,7 @@ def teacher_config(teacher):
         from transformers import AutoConfig  # a transformers folder or a hub id (its config file only)
         return check_transformer(config_from_hf(AutoConfig.from_pretrained(str(path))))
     except (OSError, ValueError, TypeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
         raise ConfigError("teacher", f"{reason}. Expected 'toy', 'toy-scratch', a Transformer checkpoint folder "
                           "(minihalo or transformers) or a hub id") from None
 
@@ -419,10 +421,10 @@ def resume_hint(cfg, step):
     for part, steps in training_parts(cfg, step):
         n = checkpoint_step(Path(cfg.out) / part / "ckpt")
         if n is None or n < steps:
-            return f"interrupted; {again} to resume from " + (f"step {n} of " if n else "the start of ") + part_label(part)
-    if not training_parts(cfg, step):
-        return f"interrupted; {again} to resume from the start of {step}"
-    return f"interrupted; {again} to resume from the end of {step}"
+            where = f"step {n} of {part_label(part)}" if n else f"the start of {part_label(part)}"
+            return f"interrupted; {again} to resume from {where}"
+    where = "the end" if training_parts(cfg, step) else "the start"  # the end: saving the trained model
+    return f"interrupted; {again} to resume from {where} of {step}"
 
 
 class Run:

@@ -1,6 +1,5 @@
 """HALO (docs/method.md §4), step by step: what each stage trains, on which loss, and the layer selection, the chunked
 KL and the query scale. The pipeline that runs them into a run folder is tested in test_pipeline.py."""
-import json
 
 import numpy as np
 import pytest

@@ -16,7 +16,7 @@ import torch
 from minihalo.data import prepare
 from minihalo.halo import STEPS
 from minihalo import pipeline
-from minihalo.pipeline import (PRESETS, ConfigError, HaloConfig, Interrupted, StaleResults, main, read_jsonl, run)
+from minihalo.pipeline import PRESETS, ConfigError, HaloConfig, Interrupted, main, read_jsonl, run
 from minihalo.tasks import WORDS
 from test_halo import make_teacher
 
@@ -120,7 +120,7 @@ BAD_OPTIONS = [  # (options, the error after "python -m minihalo.halo: error: ")
     (["--redo", "select", "--stages", "align"], "--redo: expected a step of --stages (align), got 'select'"),
     (["--attn-layers", "1,1"], "--attn-layers: expected each layer once, got [1, 1]"),
     (["--attn-layers", "4"], "--attn-layers: expected layers 0 to 3 (the teacher has 4 layers), got [4]"),
-    (["--k", "1", "--attn-ratio", "0.5"], "--k: expected at most one of k, attn_ratio and attn_layers"),
+    (["--k", "1", "--attn-ratio", "0.5"], "--attn-ratio: give one of k, attn_ratio and attn_layers; got k too"),
     (["--attn-ratio", "2"], "--attn-ratio: expected a share in [0, 1], got 2.0"),
     (["--teacher", "/no/such/teacher"], "--teacher: no such folder: '/no/such/teacher'"),
     (["--teacher-steps", "5"], "--teacher-steps: expected nothing unless --teacher toy-scratch, got 5"),
@@ -205,6 +205,9 @@ def refused(world, out, capsys, *options):
 def test_a_rerun_with_changed_settings_refuses_until_told_to_redo(world, done, capsys):
     config = lambda: json.loads((done / "config.json").read_text())  # noqa: E731
     assert config()["k"] is None and len(json.loads((done / "select.json").read_text())["layers"]) == 1
+    records = json.loads((done / "steps.json").read_text())  # a step's settings include those it builds on
+    assert "lr_align" in records["select"]["settings"] and "k" not in records["align"]["settings"]
+    assert "device" not in records["report"]["settings"] and "eval_lengths" in records["report"]["settings"]
     error = refused(world, done, capsys, "--k", "3", "--stages", "select")
     assert "holds results of 'select' made with other settings (k None → 3)" in error
     assert "--redo select" in error and "--out" in error
