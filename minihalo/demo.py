@@ -1,35 +1,28 @@
-"""The main job (`make demo`): HALO end to end on a CPU, tiny preset (docs/method.md §4).
+"""The main job (`make demo`): HALO end to end on a CPU, the tiny preset of `python -m minihalo.halo`, a few minutes
+on 2 cores (docs/method.md §4).
 
     python -m minihalo.demo                       # the toy teacher in data/toy_teacher -> runs/demo
     python -m minihalo.demo --out runs/mine --teacher toy-scratch
 
-Distils the 8-layer toy Transformer into a HypeNet (align every layer, pick the attention layers,
-distil, finetune at a longer context, pick the HyPE query scale), then writes a report comparing the
-two by context length. Every step checkpoints; rerunning resumes. For more knobs:
-`python -m minihalo.halo --help`.
+It distils a Transformer (by default the committed 8-layer toy teacher) into a HypeNet in six steps: align
+(each layer's new RNN learns to imitate its attention layer), select (which layers keep attention), distill
+(KL to the teacher), finetune (a longer context), scale (the HyPE query scale), report. The run folder
+(runs/demo unless --out) gets each step's model, config.json, and report.md with its figures: teacher vs
+HypeNet perplexity and needle-in-a-haystack accuracy by context length. At the end the demo prints the two
+numbers that matter: the HypeNet's perplexity over the teacher's at the training length T, and both models'
+needle retrieval at 4T.
+
+Ctrl-C stops it; the same command resumes where it stopped. Every other setting is an option of
+`python -m minihalo.halo` (see its --help).
 """
 import argparse
 import json
 
 from minihalo.pipeline import OneLineErrors, add_options, config_from_args, run_command
 
-DESCRIPTION = """\
-HALO end to end on a CPU: the tiny preset of `python -m minihalo.halo`, a few minutes on 2 cores.
-
-It distils a Transformer (by default the committed 8-layer toy teacher, data/toy_teacher) into a
-HypeNet in six steps: align (each layer's new RNN learns to imitate its attention layer), select
-(which layers keep attention), distill (KL to the teacher), finetune (a longer context), scale (the
-HyPE query scale), report. The run folder (runs/demo unless --out) gets each step's model, config.json,
-and report.md with its figures: teacher vs HypeNet perplexity and needle-in-a-haystack accuracy by
-context length. At the end the demo prints the two numbers that matter: the HypeNet's perplexity over
-the teacher's at the training length T, and both models' needle retrieval at 4T.
-
-Ctrl-C stops it; the same command resumes where it stopped. Every other setting is an option of
-`python -m minihalo.halo` (see its --help)."""
-
 
 def main(argv=None):
-    ap = OneLineErrors(prog="python -m minihalo.demo", description=DESCRIPTION,
+    ap = OneLineErrors(prog="python -m minihalo.demo", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(ap, names=("out", "teacher", "device", "progress"), presets=False)
     ap.set_defaults(preset="tiny", out="runs/demo")

@@ -62,6 +62,7 @@ def setting(default, help, step=None, group=None, unit=None, items=None):
 
 @dataclass
 class HaloConfig:
+    """Every setting of a HALO run; `python -m minihalo.halo --help` prints each field's help (see `setting`)."""
     out: str = setting("runs/halo", "the run folder: each step's results, config.json and the report",
                        group="run", unit="FOLDER")
     teacher: str = setting("toy", "the Transformer to distil: 'toy' (the committed 8-layer byte-level teacher, "
@@ -312,11 +313,11 @@ def check_data(cfg, T, tok, data_dir, vocab_size):
     lengths = {"seq_len": [T], "finetune_lengths": cfg.finetune_lengths, "scale_length": [cfg.scale_length],
                "eval_lengths": cfg.eval_lengths}
     for name, values in lengths.items():
+        given = T if name == "seq_len" else getattr(cfg, name)
         _expect(min(values) >= shortest, name, f"lengths of at least {shortest} tokens (a needle, its question and "
-                "its answer must fit)", getattr(cfg, name) if name != "seq_len" else T)
-        if name != "finetune_lengths":
-            _expect(max(values) + 2 <= meta["val_tokens"], name, f"lengths below the {meta['val_tokens']} tokens "
-                    f"of held-out text in {data_dir}", getattr(cfg, name) if name != "seq_len" else T)
+                "its answer must fit)", given)
+        _expect(name == "finetune_lengths" or max(values) + 2 <= meta["val_tokens"], name,
+                f"lengths below the {meta['val_tokens']} tokens of held-out text in {data_dir}", given)
     rows = [("batch_align", T, cfg.batch_align), ("batch_distill", T, cfg.batch_distill)]
     rows += [("finetune_tokens_per_batch", n, cfg.finetune_tokens_per_batch // n) for n in cfg.finetune_lengths]
     for name, length, batch in rows:

@@ -18,6 +18,7 @@ from minihalo.halo import STEPS
 from minihalo import pipeline
 from minihalo.pipeline import PRESETS, ConfigError, HaloConfig, Interrupted, main, read_jsonl, run
 from minihalo.tasks import WORDS
+from minihalo.train import NonFiniteLossError
 from test_halo import make_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,6 +298,17 @@ def test_ctrl_c_in_a_step_without_checkpoints(world, tmp_path, monkeypatch):
         run(replace(cfg, select_samples=3))
     with pytest.raises(Interrupted, match="without --redo align to resume from the start of select$"):
         run(replace(cfg, redo="align"))
+
+
+def test_a_non_finite_loss_ends_the_command_in_one_line(world, tmp_path, capsys, monkeypatch):
+    def diverged(*args):
+        raise NonFiniteLossError("loss is nan at step 2 (micro-batch 0); training stopped. Lower the learning rate")
+    monkeypatch.setattr(pipeline, "stage2_distill", diverged)
+    with pytest.raises(SystemExit) as stop:
+        main(args_for(world, tmp_path / "run"))
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == "python -m minihalo.halo: error: loss is nan at step 2 (micro-batch 0); " \
+                                      "training stopped. Lower the learning rate\n"
 
 
 # ------------------------------------------------------------------------------------------------
