@@ -35,7 +35,9 @@ def world(tmp_path_factory):
     return root, data
 
 
-def tiny_args(root, data, out, *more):
+def tiny_args(world, out, *more):
+    """The command line of a run in `out` (relative to the world's folder, or absolute) with tiny step counts."""
+    root, data = world
     return ["--out", str(root / out), "--teacher", str(root / "teacher"), "--data-dir", str(data), "--no-progress",
             "--steps-align", "3", "--steps-distill", "3", "--steps-finetune", "4", "--batch-align", "2",
             "--batch-distill", "2", "--finetune-lengths", "192", "--finetune-tokens-per-batch", "384",
@@ -46,9 +48,8 @@ def tiny_args(root, data, out, *more):
 @pytest.fixture(scope="module")
 def finished(world):
     """A run folder with every step done (tiny step counts); tests take copies (the `done` fixture)."""
-    root, data = world
-    main(tiny_args(root, data, "finished"))
-    return root / "finished"
+    main(tiny_args(world, "finished"))
+    return world[0] / "finished"
 
 
 @pytest.fixture
@@ -57,17 +58,11 @@ def done(finished, tmp_path):
     return tmp_path / "run"
 
 
-def args_for(world, out, *more):
-    root, data = world
-    return tiny_args(root, data, out, *more)
-
-
 def test_cli_runs_end_to_end_and_steps_run_alone(world):
-    root, data = world
-    main(tiny_args(root, data, "run", "--stages", "align,select"))
-    assert (root / "run" / "align" / "model" / "config.json").is_file()
-    main(tiny_args(root, data, "run", "--stages", "distill,finetune,scale,report"))  # reads step 1's output
-    d = root / "run"
+    main(tiny_args(world, "run", "--stages", "align,select"))
+    d = world[0] / "run"
+    assert (d / "align" / "model" / "config.json").is_file()
+    main(tiny_args(world, "run", "--stages", "distill,finetune,scale,report"))  # reads step 1's output
     rep = json.loads((d / "report.json").read_text())
     sel = json.loads((d / "select.json").read_text())
     assert len(sel["layers"]) == 1 and sel["layers"] == sel["halo"]  # k = floor(4 / 4)
@@ -139,11 +134,10 @@ BAD_OPTIONS = [  # (options, the error after "python -m minihalo.halo: error: ")
 
 @pytest.mark.parametrize("options, error", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
 def test_a_bad_option_fails_at_once_in_one_line(world, tmp_path, capsys, options, error):
-    root, data = world
     out = tmp_path / "run"
     t0 = time.perf_counter()
     with pytest.raises(SystemExit) as stop:
-        main(tiny_args(root, data, out, *options))
+        main(tiny_args(world, out, *options))
     assert time.perf_counter() - t0 < 5
     assert stop.value.code == 2
     lines = capsys.readouterr().err.splitlines()
@@ -152,12 +146,13 @@ def test_a_bad_option_fails_at_once_in_one_line(world, tmp_path, capsys, options
 
 
 def test_the_command_line_error_is_one_line_without_a_traceback(world, tmp_path):
-    """As a user runs it: a fresh process, exit status 2, one line on stderr, no folder made."""
-    root, data = world
+    """As a user runs it: a fresh process, within 5 s, exit status 2, one line on stderr, no folder made."""
     out = tmp_path / "run"
     env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "minihalo.halo", *tiny_args(root, data, out, "--attn-layers", "1,x")],
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "minihalo.halo", *tiny_args(world, out, "--attn-layers", "1,x")],
                           capture_output=True, text=True, env=env, timeout=120)
+    assert time.perf_counter() - t0 < 5  # Python, torch and minihalo imported included
     assert done.returncode == 2
     assert done.stderr == "python -m minihalo.halo: error: --attn-layers: expected comma-separated integers, " \
                           "got '1,x'\n"
@@ -178,6 +173,8 @@ BAD_SETTINGS = dict(
 def test_every_setting_is_checked_before_anything_runs(world, tmp_path):
     root, data = world
     assert set(BAD_SETTINGS) == {f.name for f in fields(HaloConfig)}  # a new setting needs a check and a case here
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        pipeline.preset_config("huge")
     good = HaloConfig(out=str(tmp_path / "run"), teacher=str(root / "teacher"), data_dir=str(data), progress=False)
     for name, value in BAD_SETTINGS.items():
         t0 = time.perf_counter()
@@ -195,7 +192,7 @@ def refused(world, out, capsys, *options):
     """The one-line refusal of a rerun in `out` with `options`, having checked that it changed nothing."""
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as stop:
-        main(args_for(world, out, *options))
+        main(tiny_args(world, out, *options))
     assert stop.value.code == 2
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # config.json included
     lines = capsys.readouterr().err.splitlines()
@@ -218,14 +215,14 @@ def test_a_rerun_with_changed_settings_refuses_until_told_to_redo(world, done, c
     # a report about to be recomputed is no obstacle; a step it reads is
     assert "'scale'" in refused(world, done, capsys, "--a-grid", "16", "--stages", "report")
 
-    main(args_for(world, done, "--k", "3", "--stages", "select", "--redo", "select"))
+    main(tiny_args(world, done, "--k", "3", "--stages", "select", "--redo", "select"))
     assert config()["k"] == 3 and config()["redo"] == "select"
     assert len(json.loads((done / "select.json").read_text())["layers"]) == 3
     for name in ("distill", "finetune", "scale.json", "hybrid", "report.json", "report.md"):
         assert not (done / name).exists(), name  # built on the old select: removed
     assert (done / "align" / "model").is_dir()  # before it: kept
     refused(world, done, capsys, "--stages", "select")  # k is 3 now: the old command no longer matches
-    main(args_for(world, done, "--k", "3", "--stages", "distill,finetune,scale,report"))
+    main(tiny_args(world, done, "--k", "3", "--stages", "distill,finetune,scale,report"))
     rep = json.loads((done / "report.json").read_text())
     assert rep["config"] == config() | {"stages": rep["config"]["stages"]}  # the report says what config.json says
     assert config()["k"] == 3 and rep["layer_types"].count("attention") == 3
@@ -233,7 +230,7 @@ def test_a_rerun_with_changed_settings_refuses_until_told_to_redo(world, done, c
 
 def test_settings_that_cannot_change_results_never_refuse(world, done, capsys):
     before = (done / "distill" / "model" / "model.safetensors").read_bytes()
-    main(args_for(world, done, "--device", "cpu", "--chunk-rows", "7", "--stages", "align,distill,report",
+    main(tiny_args(world, done, "--device", "cpu", "--chunk-rows", "7", "--stages", "align,distill,report",
                   "--eval-lengths", "96"))
     out = capsys.readouterr().out
     assert "align: already done" in out and "distill: already done" in out
@@ -245,9 +242,9 @@ def test_settings_that_cannot_change_results_never_refuse(world, done, capsys):
 
 def test_a_step_run_again_removes_the_results_built_on_its_earlier_output(world, tmp_path, capsys):
     out = tmp_path / "run"
-    main(args_for(world, out, "--stages", "align,select,distill,scale"))  # scale on the distilled model
+    main(tiny_args(world, out, "--stages", "align,select,distill,scale"))  # scale on the distilled model
     assert (out / "hybrid").is_dir()
-    main(args_for(world, out, "--stages", "finetune"))
+    main(tiny_args(world, out, "--stages", "finetune"))
     assert "removing the results of scale" in capsys.readouterr().out
     assert not (out / "hybrid").exists() and not (out / "scale.json").exists()
 
@@ -274,13 +271,13 @@ def test_ctrl_c_says_where_to_resume_and_the_same_command_resumes_there(world, f
     monkeypatch.setattr(pipeline, "stage2_distill", killed_before_step_2)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
-        main(args_for(world, out))
+        main(tiny_args(world, out))
     assert stop.value.code == 130
     assert capsys.readouterr().err == "interrupted; run the same command to resume from step 2 of distill\n"
     assert not (out / "distill" / "model").exists()
     assert "an unfinished run of 'distill'" in refused(world, out, capsys, "--lr-distill", "0.001")
     monkeypatch.setattr(pipeline, "stage2_distill", stage2)
-    main(args_for(world, out))
+    main(tiny_args(world, out))
     assert "resuming distill from step 2" in capsys.readouterr().out
     for name in ("distill/model/model.safetensors", "hybrid/model.safetensors"):  # as if never interrupted
         assert (out / name).read_bytes() == (finished / name).read_bytes(), name
@@ -305,7 +302,7 @@ def test_a_non_finite_loss_ends_the_command_in_one_line(world, tmp_path, capsys,
         raise NonFiniteLossError("loss is nan at step 2 (micro-batch 0); training stopped. Lower the learning rate")
     monkeypatch.setattr(pipeline, "stage2_distill", diverged)
     with pytest.raises(SystemExit) as stop:
-        main(args_for(world, tmp_path / "run"))
+        main(tiny_args(world, tmp_path / "run"))
     assert stop.value.code == 1
     assert capsys.readouterr().err == "python -m minihalo.halo: error: loss is nan at step 2 (micro-batch 0); " \
                                       "training stopped. Lower the learning rate\n"
