@@ -329,7 +329,7 @@ def check_data(cfg, T, tok, data_dir, vocab_size):
 # The run folder's records: which settings each step's results were made with
 # --------------------------------------------------------------------------------------------
 RESULTS = {  # what each step writes into the run folder (the first: its mark in a folder without records)
-    "align": ("align", "teacher"), "select": ("select.json",), "distill": ("distill",), "finetune": ("finetune",),
+    "align": ("align",), "select": ("select.json",), "distill": ("distill",), "finetune": ("finetune",),
     "scale": ("scale.json", "hybrid"),
     "report": ("report.json", "report.md", "perplexity.png", "niah.png", "layer_scores.png"),
 }
@@ -447,9 +447,20 @@ class Run:
             self.remove(STEPS[STEPS.index(cfg.redo):])
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+        if cfg.teacher == "toy-scratch":
+            self.forget_other_toy_teacher()
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.teacher = load_teacher(cfg.teacher, self.device, self.dir, cfg.teacher_steps).eval()
         self.teacher.requires_grad_(False)
+
+    def forget_other_toy_teacher(self):
+        """Delete the run folder's toy teacher (load_teacher's "toy-scratch") if it was pretrained for another
+        number of steps than the current settings ask for: the next load pretrains the one they describe."""
+        from minihalo.teacher import recipe
+        saved = self.dir / "teacher" / "report.json"
+        if saved.is_file() and json.loads(saved.read_text())["steps"] != (self.cfg.teacher_steps or
+                                                                          recipe("halo")["steps"]):
+            shutil.rmtree(self.dir / "teacher")
 
     # ---- the records: each step's settings, started or done (steps.json) --------------------
     def done(self, step):
@@ -460,6 +471,9 @@ class Run:
             self.records[step]["done"] = True
         else:
             self.records[step] = {"done": False, "settings": step_settings(self.cfg, step)}
+        self.write_records()
+
+    def write_records(self):
         tmp = self.dir / "steps.json.tmp"
         tmp.write_text(json.dumps(self.records, indent=1))
         tmp.replace(self.dir / "steps.json")
@@ -475,7 +489,7 @@ class Run:
                     path.unlink(missing_ok=True)
             self.records.pop(step, None)
         if (self.dir / "steps.json").is_file():
-            (self.dir / "steps.json").write_text(json.dumps(self.records, indent=1))
+            self.write_records()
 
     def compute(self, step):
         """Run `step`, after removing the results of the steps after it (they were built on its earlier results)

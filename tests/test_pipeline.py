@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -252,6 +253,17 @@ def test_a_step_run_again_removes_the_results_built_on_its_earlier_output(world,
 def test_results_without_a_record_of_their_settings_are_not_trusted(world, done, capsys):
     (done / "steps.json").unlink()  # e.g. a run folder written before the records existed
     assert "no record of their settings" in refused(world, done, capsys, "--stages", "report")
+
+
+def test_a_toy_teacher_pretrained_for_other_steps_is_not_reused(tmp_path):
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "report.json").write_text(json.dumps({"steps": 5}))  # as load_teacher("toy-scratch") saves
+    forget = lambda steps: pipeline.Run.forget_other_toy_teacher(  # noqa: E731
+        SimpleNamespace(dir=tmp_path, cfg=SimpleNamespace(teacher_steps=steps)))
+    forget(5)
+    assert (tmp_path / "teacher").is_dir()
+    forget(None)  # the recipe's 4000 steps
+    assert not (tmp_path / "teacher").exists()
 
 
 # ------------------------------------------------------------------------------------------------
