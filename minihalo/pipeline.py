@@ -175,7 +175,9 @@ class ConfigError(ValueError):
 
 def _expect(ok, name, expected, given):
     if not ok:
-        raise ConfigError(name, f"expected {expected}, got {given!r}")
+        plain = isinstance(given, (str, int, float, list, tuple, type(None)))
+        raise ConfigError(name, f"expected {expected}, got {given!r}" if plain else
+                          f"expected {expected}, got a {type(given).__name__}")
 
 
 def _check_type(f, value):
@@ -185,7 +187,7 @@ def _check_type(f, value):
         return
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     is_number = lambda v: (is_int(v) or isinstance(v, float)) and math.isfinite(v)  # noqa: E731
-    items = f.metadata["items"]
+    items = f.metadata.get("items")
     check, expected = {
         int: (is_int, "an integer"),
         float: (is_number, "a number"),
@@ -347,7 +349,8 @@ class Interrupted(KeyboardInterrupt):
 def step_settings(cfg, step):
     """The settings the results of `step` depend on: every HaloConfig field that `step` or a step before it uses."""
     used = STEPS[:STEPS.index(step) + 1]
-    return {f.name: json.loads(json.dumps(getattr(cfg, f.name))) for f in fields(cfg) if f.metadata["step"] in used}
+    return {f.name: json.loads(json.dumps(getattr(cfg, f.name))) for f in fields(cfg)
+            if f.metadata.get("step") in used}
 
 
 def read_records(folder):
@@ -707,23 +710,23 @@ def add_options(ap, names=None, presets=True):
     """One option per HaloConfig field (or per field in `names`), grouped as GROUPS, with its help text and,
     when `presets`, each preset's value."""
     for group, title in GROUPS.items():
-        chosen = [f for f in fields(HaloConfig) if f.metadata["group"] == group and f.name != "preset"
+        chosen = [f for f in fields(HaloConfig) if f.metadata.get("group", "run") == group and f.name != "preset"
                   and (names is None or f.name in names)]
         options = ap.add_argument_group(title) if chosen else None
         for f in chosen:
-            text = f.metadata["help"].replace("%", "%%")
+            text = f.metadata.get("help", "").replace("%", "%%")
             if f.type is bool:
                 options.add_argument(option_name(f.name), dest=f.name, action="store_const", const=not f.default,
                                      help=f"do not {text}" if f.default else text)
                 continue
-            if presets and (group != "run" or f.metadata["step"]):  # not for --out, --stages, ...
+            if presets and (group != "run" or f.metadata.get("step")):  # not for --out, --stages, ...
                 text += preset_values(f)
-            options.add_argument(option_name(f.name), dest=f.name, metavar=f.metadata["unit"], help=text)
+            options.add_argument(option_name(f.name), dest=f.name, metavar=f.metadata.get("unit"), help=text)
 
 
 def parse_option(f, text):
     """The value of field `f` from the command line's `text`, or a ConfigError."""
-    kind = f.metadata["items"] if f.type in (list, tuple) else f.type
+    kind = f.metadata.get("items", float) if f.type in (list, tuple) else f.type
     kind = str if f.type is tuple else kind
     parts = [s.strip() for s in text.split(",")] if f.type in (list, tuple) else [text]
     names = {int: "integers", float: "numbers", str: "names"} if f.type in (list, tuple) else \

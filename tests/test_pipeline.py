@@ -177,6 +177,8 @@ def test_every_setting_is_checked_before_anything_runs(world, tmp_path):
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         pipeline.preset_config("huge")
     good = HaloConfig(out=str(tmp_path / "run"), teacher=str(root / "teacher"), data_dir=str(data), progress=False)
+    with pytest.raises(ConfigError, match="^teacher: expected a non-empty string, got a HybridLM$"):
+        run(replace(good, teacher=make_teacher()))  # a run folder names its teacher, so that a rerun can load it
     for name, value in BAD_SETTINGS.items():
         t0 = time.perf_counter()
         with pytest.raises(ConfigError) as e:
