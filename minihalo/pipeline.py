@@ -346,6 +346,13 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says where the same command resumes."""
 
 
+def format_value(value):
+    """A setting's value as the command line takes it: lists comma-separated, None as 'unset'."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(format_value, value))
+    return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def step_settings(cfg, step):
     """The settings the results of `step` depend on: every HaloConfig field that `step` or a step before it uses."""
     used = STEPS[:STEPS.index(step) + 1]
@@ -377,8 +384,8 @@ def check_run_folder(cfg):
         if not records[step]["done"] and not has_checkpoint(d, step):
             continue  # started, but stopped before anything was saved
         old = records[step]["settings"]
-        changes = [f"{k} {old.get(k, defaults[k])} → {v}" for k, v in step_settings(cfg, step).items()
-                   if old.get(k, defaults[k]) != v]
+        changes = [f"{k} {format_value(old.get(k, defaults[k]))} → {format_value(v)}"
+                   for k, v in step_settings(cfg, step).items() if old.get(k, defaults[k]) != v]
         if changes:
             what = "results" if records[step]["done"] else "an unfinished run"
             raise StaleResults(f"{d} holds {what} of '{step}' made with other settings ({', '.join(changes)}): redo "
@@ -693,17 +700,12 @@ def option_name(name):
     return {"progress": "--no-progress"}.get(name, "--" + name.replace("_", "-"))
 
 
-def _show(value):
-    return ",".join(map(_show, value)) if isinstance(value, (list, tuple)) else f"{value:g}" \
-        if isinstance(value, float) else str(value)
-
-
 def preset_values(f):
     """'[tiny: 150, small: 500]': the value of field `f` in each preset ('' if every preset leaves it unset)."""
     values = {p: PRESETS[p].get(f.name, f.default if f.default is not MISSING else f.default_factory())
               for p in PRESETS}
     return "" if all(v is None for v in values.values()) else \
-        " [" + ", ".join(f"{p}: {'unset' if v is None else _show(v)}" for p, v in values.items()) + "]"
+        " [" + ", ".join(f"{p}: {format_value(v)}" for p, v in values.items()) + "]"
 
 
 def add_options(ap, names=None, presets=True):

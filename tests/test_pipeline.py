@@ -210,7 +210,7 @@ def test_a_rerun_with_changed_settings_refuses_until_told_to_redo(world, done, c
     assert "lr_align" in records["select"]["settings"] and "k" not in records["align"]["settings"]
     assert "device" not in records["report"]["settings"] and "eval_lengths" in records["report"]["settings"]
     error = refused(world, done, capsys, "--k", "3", "--stages", "select")
-    assert "holds results of 'select' made with other settings (k None → 3)" in error
+    assert "holds results of 'select' made with other settings (k unset → 3)" in error
     assert "--redo select" in error and "--out" in error
     # a change to an alignment setting invalidates every step built on it, so align is the one to redo
     error = refused(world, done, capsys, "--lr-align", "0.002", "--stages", "report")
@@ -338,8 +338,7 @@ def test_help_explains_every_option_with_each_presets_value(capsys):
     assert "[tiny: 256, small: 256,512]" in text  # lists, as typed
     for name, values in PRESETS.items():
         for key, value in values.items():
-            shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-            assert f"{name}: {shown}" in text, (name, key)
+            assert f"{name}: {pipeline.format_value(value)}" in text, (name, key)
 
 
 def test_demo_help_explains_itself(capsys):
