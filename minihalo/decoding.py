@@ -12,7 +12,6 @@ D head dim, V vocabulary.
 import contextlib
 
 import torch
-from torch.nn.attention.bias import causal_lower_right
 
 KV_BLOCK = 1024  # a static cache's K/V length is a multiple of this: decode_attention splits the keys into blocks
 
@@ -78,6 +77,13 @@ def padded_causal_mask(mask, past, T):
     allowed = (j <= i)[None] & mask.bool()[:, None, :]  # (B, T, S)
     allowed |= (j == i)[None]
     return allowed[:, None]
+
+
+def causal_lower_right(T, S):
+    """torch's causal mask for T queries that are the last T of S keys (torch.nn.attention.bias, imported on first
+    use: it brings torch._dynamo, which would double the time `import minihalo` takes)."""
+    from torch.nn.attention.bias import causal_lower_right as lower_right
+    return lower_right(T, S)
 
 
 class Cache:

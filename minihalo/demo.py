@@ -1,28 +1,33 @@
-"""The main job (`make demo`): HALO end to end on a CPU, tiny preset (docs/method.md §4).
+"""The main job (`make demo`): HALO end to end on a CPU, the tiny preset of `python -m minihalo.halo`, a few minutes
+on 2 cores (docs/method.md §4).
 
     python -m minihalo.demo                       # the toy teacher in data/toy_teacher -> runs/demo
     python -m minihalo.demo --out runs/mine --teacher toy-scratch
 
-Distils the 8-layer toy Transformer into a HypeNet (align every layer, pick the attention layers,
-distil, finetune at a longer context, pick the HyPE query scale), then writes a report comparing the
-two by context length. Every step checkpoints; rerunning resumes. For more knobs:
-`python -m minihalo.halo --help`.
+It distils a Transformer (by default the committed 8-layer toy teacher) into a HypeNet in six steps: align
+(each layer's new RNN learns to imitate its attention layer), select (which layers keep attention), distill
+(KL to the teacher), finetune (a longer context), scale (the HyPE query scale), report. The run folder
+(runs/demo unless --out) gets each step's model, config.json, and report.md with its figures: teacher vs
+HypeNet perplexity and needle-in-a-haystack accuracy by context length. At the end the demo prints the two
+numbers that matter: the HypeNet's perplexity over the teacher's at the training length T, and both models'
+needle retrieval at 4T.
+
+Ctrl-C stops it; the same command resumes where it stopped. Every other setting is an option of
+`python -m minihalo.halo` (see its --help).
 """
 import argparse
 import json
 
-from minihalo.pipeline import preset_config, run
+from minihalo.pipeline import OneLineErrors, add_options, config_from_args, run_command
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/demo", help="the run folder (default runs/demo)")
-    ap.add_argument("--teacher", default="toy", help="'toy' (data/toy_teacher), 'toy-scratch', or a checkpoint folder")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    ap = OneLineErrors(prog="python -m minihalo.demo", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(ap, names=("out", "teacher", "device", "progress"), presets=False)
+    ap.set_defaults(preset="tiny", out="runs/demo")
     args = ap.parse_args(argv)
-    r = run(preset_config("tiny", out=args.out, teacher=args.teacher, device=args.device,
-                          progress=not args.no_progress))
+    r = run_command(ap, lambda: config_from_args(args))
     rep = json.loads((r.dir / "report.json").read_text())
     q, long = rep["quality"], 4 * rep["train_length"]
     niah = q[f"niah_at_{long}"]

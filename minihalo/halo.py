@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from minihalo import distributed
 from minihalo.convert import LIGHTNING_OPTIONS, from_hf, to_hypenet
 from minihalo.evaluate import heldout_windows, niah_accuracy, token_nll
-from minihalo.model import Context, HybridLM
+from minihalo.model import Context, HybridConfig, HybridLM
 from minihalo.train import TrainConfig, train
 
 TOY_TEACHER = Path(__file__).resolve().parent.parent / "data" / "toy_teacher"  # present in a repository checkout
@@ -47,11 +47,12 @@ STEPS = ("align", "select", "distill", "finetune", "scale", "report")  # the pip
 # The teacher
 # --------------------------------------------------------------------------------------------
 def check_transformer(model):
-    """Raise a ValueError unless `model` is a plain Transformer: every layer softmax attention with RoPE."""
-    if not isinstance(model, HybridLM):
+    """Raise a ValueError unless `model` is a plain Transformer: every layer softmax attention with RoPE.
+    Returns `model`, which may also be a HybridConfig (a teacher checked before its weights are loaded)."""
+    if not isinstance(model, (HybridLM, HybridConfig)):
         raise TypeError(f"the teacher must be a minihalo HybridLM; got {type(model).__name__} "
                         "(convert a transformers model with minihalo.from_hf)")
-    c = model.config
+    c = model if isinstance(model, HybridConfig) else model.config
     if set(c.layer_types) != {"attention"} or not c.attn_rope or c.attn_output_gate or c.attn_scale_a:
         raise ValueError("HALO distils a Transformer (every layer softmax attention with RoPE, no output gate, "
                          f"no query scale); this model has layer types {c.layer_types}, attn_rope={c.attn_rope}, "

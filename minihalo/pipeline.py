@@ -2,25 +2,35 @@
 
     python -m minihalo.halo --preset tiny                 # the whole pipeline on a CPU in minutes
     python -m minihalo.halo --preset small --out runs/s1  # one GPU, longer runs
-    python -m minihalo.halo --out runs/s1 --stages distill,finetune,scale,report   # resume / redo stages
+    python -m minihalo.halo --out runs/s1 --stages distill,finetune,scale,report   # resume / run steps alone
+    python -m minihalo.halo --out runs/s1 --k 3 --redo select                      # redo a step with new settings
+    python -m minihalo.halo --help                        # every option: what it does, its unit, each preset's value
     torchrun --nproc_per_node=8 -m minihalo.halo --preset small --out runs/s8    # 8 GPUs (minihalo.distributed)
 
 From Python: `run(HaloConfig(...))` or `run(preset_config("tiny", out="runs/mine"))`. The run folder:
 
-    config.json                     the HaloConfig
+    config.json                     the HaloConfig: the settings the results beside it were made with
+    steps.json                      each step's record: the settings its results depend on, done or not
     align/, distill/, finetune/     ckpt/last.pt (resumable), history.jsonl, stats.json, model/ (the result)
     align/layers.jsonl              the per-layer alignment MSE of every batch
     select.json, scale.json         the layer scores and choice; the query-scale grid
     hybrid/                         the final HypeNet (HybridLM.from_pretrained), query scale in its config
     report.md, report.json, *.png   teacher vs HypeNet by context length, layer scores, cost (minihalo.report)
 
-A step whose model/ exists is not redone (delete the folder to redo it); a step reads the previous
-step's model/ from the folder, so steps can run alone.
+Every setting is checked before anything is computed or any folder is made (`check_config`, `check_data`:
+a ConfigError names the setting). A finished step is not redone: a rerun loads it. Its record in steps.json holds
+the settings of HaloConfig its results depend on (those of the steps before it included; `setting(step=...)`
+says which step first uses each); a rerun whose settings would change a step's results refuses
+(`StaleResults`) until told to redo that step and the ones after it (`redo`), so that config.json always
+describes the results beside it. The report is recomputed on every run that asks for it. Ctrl-C stops
+with `Interrupted`, which says where the same command resumes (training steps resume from their checkpoint).
 """
 import argparse
 import json
+import math
+import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,61 +39,110 @@ import torch
 from minihalo import distributed
 from minihalo.data import ByteTokenizer, HFTokenizer, PackedBatches, TokenFile, prepare
 from minihalo.evaluate import heldout_windows, token_nll
-from minihalo.halo import (STEPS, evenly_spaced_layers, lm_score, load_teacher, niah_recall, num_attention_layers,
-                           pick_query_scale, recall_drop_layers, score_swapped_models, select_attention_layers,
-                           selection_scores, stage1_align, stage2_distill, stage3_finetune)
-from minihalo.model import HybridLM
+from minihalo.halo import (STEPS, TOY_TEACHER, check_transformer, evenly_spaced_layers, lm_score, load_teacher,
+                           niah_recall, num_attention_layers, pick_query_scale, recall_drop_layers,
+                           score_swapped_models, select_attention_layers, selection_scores, stage1_align,
+                           stage2_distill, stage3_finetune)
+from minihalo.model import HybridConfig, HybridLM
 from minihalo.report import write_report
-from minihalo.tasks import niah_training_rows
-from minihalo.train import TrainConfig
+from minihalo.tasks import TEMPLATES, WORDS, niah_training_rows
+from minihalo.train import NonFiniteLossError, TrainConfig
 
-__all__ = ["STEPS", "HaloConfig", "PRESETS", "preset_config", "Run", "run", "main", "read_jsonl", "write_jsonl"]
+__all__ = ["STEPS", "HaloConfig", "PRESETS", "preset_config", "ConfigError", "StaleResults", "Interrupted",
+           "check_config", "Run", "run", "main", "read_jsonl", "write_jsonl"]
+SELECTION_RULES = ("halo", "recall_drop", "even")
+
+
+def setting(default, help, step=None, group=None, unit=None, items=None):
+    """A HaloConfig field with what `--help` says about it: `help` (what it does), `unit` (the command line's
+    metavar), `items` (int or float: a list's elements), `group` (where --help lists it; default `step`) and
+    `step`: the first step whose results depend on it (None: no result does, e.g. progress bars)."""
+    value = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**value, metadata={"help": help, "step": step, "group": group or step, "unit": unit,
+                                      "items": items})
 
 
 @dataclass
 class HaloConfig:
-    out: str = "runs/halo"            # the run folder
-    teacher: str = "toy"              # see load_teacher
-    teacher_steps: int = None         # --teacher toy-scratch: pretraining steps (default: the preset's)
-    tokenizer: str = "byte"           # "byte", or a transformers tokenizer (folder or hub id) for such a teacher
-    data_dir: str = None              # a prepared corpus (minihalo.data.prepare); default: english, `tokenizer`
-    stages: tuple = STEPS             # which steps to run (names of STEPS)
-    device: str = None                # default: cuda if available
-    seed: int = 0
-    progress: bool = True
-    parallel: str = "auto"            # under torchrun: "ddp", "fsdp" or "auto" (see minihalo.distributed)
-    teacher_parallel: str = "replicate"  # under torchrun: the teacher whole on every GPU, or "shard" (FSDP2)
+    """Every setting of a HALO run; `python -m minihalo.halo --help` prints each field's help (see `setting`)."""
+    out: str = setting("runs/halo", "the run folder: each step's results, config.json and the report",
+                       group="run", unit="FOLDER")
+    teacher: str = setting("toy", "the Transformer to distil: 'toy' (the committed 8-layer byte-level teacher, "
+                           "data/toy_teacher), 'toy-scratch' (pretrain one first, into the run folder), a checkpoint "
+                           "folder (minihalo or transformers) or a hub id such as Qwen/Qwen3-0.6B",
+                           "align", "run", "NAME")
+    teacher_steps: int = setting(None, "pretraining steps of --teacher toy-scratch (default: its recipe's 4000)",
+                                 "align", "run", "STEPS")
+    tokenizer: str = setting("byte", "'byte' (UTF-8 bytes, as the toy teacher reads), or the teacher's transformers "
+                             "tokenizer (a folder or hub id)", "align", "run", "NAME")
+    data_dir: str = setting(None, "a corpus prepared with minihalo.data.prepare, for training batches and held-out "
+                            "text (default: the English corpus, prepared with --tokenizer)", "align", "run", "FOLDER")
+    stages: tuple = setting(STEPS, "the steps to run (always in pipeline order); the others' results are read from "
+                            "the run folder", group="run", unit="STEP,...")
+    redo: str = setting(None, "delete the results of this step and every step after it first, then run --stages "
+                        "(needed when a setting they depend on changed)", group="run", unit="STEP")
+    device: str = setting(None, "cpu, cuda or cuda:N (default: cuda when there is one)", group="run", unit="DEVICE")
+    seed: int = setting(0, "seeds new weights and the order of the training data", "align", "run", "INT")
+    progress: bool = setting(True, "show progress bars", group="run")
+    parallel: str = setting("auto", "under torchrun: 'ddp' (a whole copy of the student on every GPU), 'fsdp' "
+                            "(FSDP2: parameters, gradients and AdamW state sharded) or 'auto' (fsdp only when the "
+                            "student's training state would fill more than half a GPU); see minihalo.distributed",
+                            group="run", unit="MODE")
+    teacher_parallel: str = setting("replicate", "under torchrun: the frozen teacher whole on every GPU ('replicate') "
+                                    "or sharded with FSDP2 ('shard')", group="run", unit="MODE")
     # step 1
-    steps_align: int = 150
-    lr_align: float = 1e-3
-    batch_align: int = 16
+    steps_align: int = setting(150, "optimizer steps of step 1", "align", unit="STEPS")
+    lr_align: float = setting(1e-3, "peak learning rate of step 1 (linear warm-up, then cosine down to a hundredth)",
+                              "align", unit="LR")
+    batch_align: int = setting(16, "sequences of --seq-len tokens per optimizer step of step 1", "align",
+                               unit="ROWS")
     # step 2
-    k: int = None                     # attention layers to keep (default floor(L/4))
-    attn_ratio: float = None          # or a share of L
-    attn_layers: list = None          # or fixed layers (skips the choice)
-    selection: str = "halo"           # "halo", "recall_drop" or "even"
-    select_samples: int = 40          # NIAH prompts per swapped model
+    k: int = setting(None, "attention layers to keep (default: floor(L/4) of the teacher's L layers)", "select",
+                     unit="LAYERS")
+    attn_ratio: float = setting(None, "or the share of the teacher's layers to keep as attention, in [0, 1] "
+                                "(rounded down)", "select", unit="SHARE")
+    attn_layers: list = setting(None, "or the layers to keep as attention (0-based), instead of choosing them "
+                                "(step 2 then needs no step 1)", "select", unit="LAYER,...", items=int)
+    selection: str = setting("halo", "the rule that chooses the layers: halo (the paper's score), recall_drop "
+                             "(Jet-Nemotron's) or even (evenly spaced)", "select", unit="RULE")
+    select_samples: int = setting(40, "needle-in-a-haystack prompts per one-layer swap M(i), for its recall score",
+                                  "select", unit="PROMPTS")
     # step 3
-    steps_distill: int = 400
-    lr_distill: float = 3e-3
-    batch_distill: int = 16
-    seq_len: int = None               # steps 1 and 3 (default: the teacher's training length)
-    chunk_rows: int = 1024
-    retrieval_share: float = 0.4      # share of needle-retrieval rows in the training batches
-    copy_share: float = 0.25          # share of copy rows (see minihalo.teacher.teacher_batches)
+    steps_distill: int = setting(400, "optimizer steps of step 3", "distill", unit="STEPS")
+    lr_distill: float = setting(3e-3, "peak learning rate of step 3 (linear warm-up, then cosine down to a "
+                                "hundredth)", "distill", unit="LR")
+    batch_distill: int = setting(16, "sequences of --seq-len tokens per optimizer step of step 3", "distill",
+                                 unit="ROWS")
+    seq_len: int = setting(None, "sequence length of steps 1 and 3, and of step 2's scores (default: the teacher's "
+                           "training length)", "align", "training", "TOKENS")
+    chunk_rows: int = setting(1024, "rows (tokens) of logits per chunk of step 3's KL: bounds its memory, not its "
+                              "value", group="distill", unit="ROWS")
+    retrieval_share: float = setting(0.4, "share of needle-retrieval documents among the training rows of steps 1, "
+                                     "3, 4 (byte tokenizer only)", "align", "training", "SHARE")
+    copy_share: float = setting(0.25, "share of copy documents (a random string, repeated) among the training rows "
+                                "(byte tokenizer only)", "align", "training", "SHARE")
     # step 4
-    finetune_lengths: list = field(default_factory=lambda: [256])
-    steps_finetune: int = 100
-    lr_finetune: float = 3e-5
-    finetune_tokens_per_batch: int = 4096
-    warmup_steps: int = 20
+    finetune_lengths: list = setting([256], "context lengths of step 4, trained one after the other", "finetune",
+                                     unit="TOKENS,...", items=int)
+    steps_finetune: int = setting(100, "optimizer steps of step 4 at each length", "finetune", unit="STEPS")
+    lr_finetune: float = setting(3e-5, "learning rate of step 4: constant after the warm-up", "finetune", unit="LR")
+    finetune_tokens_per_batch: int = setting(4096, "tokens per optimizer step of step 4 (rows = this / length)",
+                                             "finetune", unit="TOKENS")
+    warmup_steps: int = setting(20, "linear learning-rate warm-up of steps 1, 3 and 4 (at most half of a step's "
+                                "optimizer steps)", "align", "training", "STEPS")
     # step 5 and the report
-    a_grid: list = field(default_factory=lambda: [16, 64, 256, 1024, 4096])
-    scale_length: int = 512           # long held-out text for the loss that picks a
-    eval_lengths: list = field(default_factory=lambda: [128, 256, 512, 1024])
-    eval_samples: int = 10            # NIAH prompts per (length, depth) cell
-    eval_windows: int = 8             # held-out windows per length (perplexity)
-    preset: str = None
+    a_grid: list = setting([16, 64, 256, 1024, 4096], "the bases a tried for the query scale s_t = log_a(t + a), "
+                           "each > 1", "scale", unit="A,...", items=float)
+    scale_length: int = setting(512, "length of the held-out documents whose loss chooses a", "scale",
+                                unit="TOKENS")
+    eval_lengths: list = setting([128, 256, 512, 1024], "context lengths of the report: held-out perplexity and a "
+                                 "needle-in-a-haystack grid", "report", "evaluation", "TOKENS,...", int)
+    eval_samples: int = setting(10, "needle prompts per (length, depth) cell of the report; twice as many score "
+                                "each a of step 5", "scale", "evaluation", "PROMPTS")
+    eval_windows: int = setting(8, "held-out windows per length for the report's perplexity; twice as many for "
+                                "step 2's commonsense score, as many text and retrieval documents in step 5",
+                                "select", "evaluation", "WINDOWS")
+    preset: str = setting(None, "the preset whose values the other settings started from", group="run", unit="NAME")
 
 
 PRESETS = {
@@ -111,34 +170,371 @@ def preset_config(preset="tiny", **changes):
     return HaloConfig(**{**PRESETS[preset], **changes, "preset": preset})
 
 
+# --------------------------------------------------------------------------------------------
+# Every setting checked before anything runs
+# --------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A HaloConfig setting that cannot work: `field` names it; the message says what was given and expected."""
+
+    def __init__(self, name, message):
+        super().__init__(f"{name}: {message}")
+        self.field, self.message = name, message
+
+
+def _expect(ok, name, expected, given):
+    if not ok:
+        plain = isinstance(given, (str, int, float, list, tuple, type(None)))
+        raise ConfigError(name, f"expected {expected}, got {given!r}" if plain else
+                          f"expected {expected}, got a {type(given).__name__}")
+
+
+def _check_type(f, value):
+    """`value` has the type HaloConfig declares for `f` (None only where the default is None)."""
+    if value is None:
+        _expect(f.default is None, f.name, "a value", value)
+        return
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    is_number = lambda v: (is_int(v) or isinstance(v, float)) and math.isfinite(v)  # noqa: E731
+    items = f.metadata.get("items")
+    check, expected = {
+        int: (is_int, "an integer"),
+        float: (is_number, "a number"),
+        str: (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+        bool: (lambda v: isinstance(v, bool), "True or False"),
+        tuple: (lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v), "a list of names"),
+        list: (lambda v: isinstance(v, (list, tuple)) and all((is_int if items is int else is_number)(x) for x in v),
+               f"a list of {'integers' if items is int else 'numbers'}"),
+    }[f.type]
+    _expect(check(value), f.name, expected, value)
+
+
+def check_config(cfg: HaloConfig):
+    """Check every setting of `cfg` that can be checked without data: types, ranges, names, the device, and the
+    teacher's config (its layer count bounds k and attn_layers; only its config file is read). Raises a
+    ConfigError naming the setting; creates nothing. Returns the teacher's HybridConfig."""
+    for f in fields(HaloConfig):
+        _check_type(f, getattr(cfg, f.name))
+    c = cfg
+    for name in ("steps_align", "steps_distill", "steps_finetune", "batch_align", "batch_distill", "chunk_rows",
+                 "select_samples", "finetune_tokens_per_batch", "scale_length", "eval_samples", "eval_windows",
+                 "teacher_steps", "seq_len"):
+        value = getattr(c, name)
+        _expect(value is None or value > 0, name, "an integer > 0", value)
+    for name in ("lr_align", "lr_distill", "lr_finetune"):
+        _expect(getattr(c, name) > 0, name, "a learning rate > 0", getattr(c, name))
+    _expect(c.warmup_steps >= 0, "warmup_steps", "an integer >= 0", c.warmup_steps)
+    _expect(0 <= c.seed < 2 ** 32, "seed", "an integer in [0, 2**32)", c.seed)
+    for name in ("retrieval_share", "copy_share", "attn_ratio"):
+        value = getattr(c, name)
+        _expect(value is None or 0 <= value <= 1, name, "a share in [0, 1]", value)
+    _expect(c.retrieval_share + c.copy_share <= 1, "copy_share",
+            f"at most 1 - retrieval_share = {1 - c.retrieval_share:g} (the rest is text)", c.copy_share)
+    for name in ("finetune_lengths", "eval_lengths", "a_grid"):
+        _expect(len(getattr(c, name)) > 0, name, "at least one value", getattr(c, name))
+    for name in ("finetune_lengths", "eval_lengths"):
+        _expect(min(getattr(c, name)) > 0, name, "lengths > 0", getattr(c, name))
+    _expect(min(c.a_grid) > 1, "a_grid", "bases a > 1 (s_t = log_a(t + a))", c.a_grid)
+    _expect(c.finetune_tokens_per_batch >= max(c.finetune_lengths), "finetune_tokens_per_batch",
+            f"at least one row of the longest finetune length, {max(c.finetune_lengths)}", c.finetune_tokens_per_batch)
+    _expect(c.selection in SELECTION_RULES, "selection", f"one of {', '.join(SELECTION_RULES)}", c.selection)
+    _expect(c.parallel in distributed.PARALLEL, "parallel", f"one of {', '.join(distributed.PARALLEL)}", c.parallel)
+    _expect(c.teacher_parallel in ("replicate", "shard"), "teacher_parallel", "replicate or shard",
+            c.teacher_parallel)
+    _expect(c.preset is None or c.preset in PRESETS, "preset", f"one of {', '.join(PRESETS)}", c.preset)
+    _expect(len(c.stages) > 0 and set(c.stages) <= set(STEPS), "stages", f"names from {','.join(STEPS)}",
+            ",".join(c.stages))
+    _expect(c.redo is None or c.redo in c.stages, "redo", f"a step of --stages ({','.join(c.stages)})", c.redo)
+    given = [name for name in ("k", "attn_ratio", "attn_layers") if getattr(c, name) is not None]
+    if len(given) > 1:
+        raise ConfigError(given[1], f"give one of k, attn_ratio and attn_layers; got {given[0]} too")
+    _expect(not Path(c.out).exists() or Path(c.out).is_dir(), "out", "a folder (this is a file)", c.out)
+    _expect(c.teacher_steps is None or c.teacher == "toy-scratch", "teacher_steps",
+            "nothing unless --teacher toy-scratch", c.teacher_steps)
+    check_device(c.device)
+    _expect(c.data_dir is None or (Path(c.data_dir) / "meta.json").is_file(), "data_dir",
+            "a folder written by minihalo.data.prepare (with meta.json)", c.data_dir)
+    _expect(c.tokenizer == "byte" or Path(c.tokenizer).is_dir() or c.tokenizer.count("/") == 1, "tokenizer",
+            "'byte', a tokenizer folder or a hub id", c.tokenizer)
+    teacher = read_teacher_config(c.teacher)
+    L = teacher.num_layers
+    _expect(c.tokenizer != "byte" or teacher.vocab_size == 256, "tokenizer", f"the teacher's own tokenizer (its "
+            f"vocabulary has {teacher.vocab_size} tokens, not the 256 bytes)", c.tokenizer)
+    _expect(c.k is None or 0 <= c.k <= L, "k", f"0 to {L} (the teacher has {L} layers)", c.k)
+    if c.attn_layers is not None:
+        _expect(all(0 <= i < L for i in c.attn_layers), "attn_layers",
+                f"layers 0 to {L - 1} (the teacher has {L} layers)", c.attn_layers)
+        _expect(len(set(c.attn_layers)) == len(c.attn_layers), "attn_layers", "each layer once", c.attn_layers)
+    return teacher
+
+
+def check_device(device):
+    if device is None:
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError("device", f"expected cpu, cuda or cuda:N, got {device!r}") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count()
+        _expect(n > 0, "device", "a device this machine has (no CUDA GPU here)", device)
+        _expect(d.index is None or d.index < n, "device", f"cuda:0 to cuda:{n - 1}", device)
+    else:
+        _expect(d.type == "cpu", "device", "cpu, cuda or cuda:N", device)
+
+
+def read_teacher_config(teacher):
+    """The HybridConfig of the teacher HaloConfig.teacher names, from its config file alone (no weights), checked
+    to be a Transformer; a ConfigError("teacher", ...) if there is none."""
+    from minihalo.convert import config_from_hf
+    from minihalo.teacher import teacher_config as toy_config
+    if teacher == "toy-scratch":
+        return toy_config("halo")
+    path = TOY_TEACHER if teacher == "toy" else Path(teacher)
+    try:
+        if (path / "config.json").is_file():
+            d = json.loads((path / "config.json").read_text())
+            if "model_type" not in d:
+                return check_transformer(HybridConfig.from_dict(d))
+        elif teacher == "toy" or teacher.count("/") != 1 or teacher.startswith((".", "/", "~")):
+            raise ValueError(f"{str(path)!r} is no checkpoint folder (no config.json)" if path.is_dir() else
+                             f"no such folder: {str(path)!r}")
+        from transformers import AutoConfig  # a transformers folder or a hub id (its config file only)
+        return check_transformer(config_from_hf(AutoConfig.from_pretrained(str(path))))
+    except (OSError, ValueError, TypeError) as e:
+        reason = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
+        raise ConfigError("teacher", f"{reason}. Expected 'toy', 'toy-scratch', a Transformer checkpoint folder "
+                          "(minihalo or transformers) or a hub id") from None
+
+
+def shortest_niah_length(tok):
+    """The shortest sequence that holds a needle, its question and its answer (7 digits) for every key
+    (minihalo.tasks, "short" template): shorter sequences cannot hold the retrieval rows and prompts."""
+    needle, question = TEMPLATES["short"]
+    value = "1234567"
+    return max(len(tok.encode(needle.format(kind="number", key=key, value=value)))
+               + len(tok.encode(question.format(kind="number", key=key) + value)) for key in WORDS) + 2
+
+
+def check_data(cfg, T, tok, data_dir, vocab_size):
+    """Check the settings that depend on the data: the corpus' vocabulary fits the teacher; every length
+    (T = the training length) holds a needle and its question; the held-out text is longer than every
+    evaluated length and the training text holds a batch of every training length."""
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    _expect(meta["vocab_size"] <= vocab_size, "tokenizer", f"a vocabulary of at most the teacher's {vocab_size} "
+            f"(the corpus {data_dir} has {meta['vocab_size']}); pass the teacher's tokenizer", cfg.tokenizer)
+    shortest = shortest_niah_length(tok)
+    lengths = {"seq_len": [T], "finetune_lengths": cfg.finetune_lengths, "scale_length": [cfg.scale_length],
+               "eval_lengths": cfg.eval_lengths}
+    for name, values in lengths.items():
+        given = T if name == "seq_len" else getattr(cfg, name)
+        _expect(min(values) >= shortest, name, f"lengths of at least {shortest} tokens (a needle, its question and "
+                "its answer must fit)", given)
+        _expect(name == "finetune_lengths" or max(values) + 2 <= meta["val_tokens"], name,
+                f"lengths below the {meta['val_tokens']} tokens of held-out text in {data_dir}", given)
+    rows = [("batch_align", T, cfg.batch_align), ("batch_distill", T, cfg.batch_distill)]
+    rows += [("finetune_tokens_per_batch", n, cfg.finetune_tokens_per_batch // n) for n in cfg.finetune_lengths]
+    for name, length, batch in rows:
+        _expect(meta["train_tokens"] // (length + 1) >= batch, name, f"at most {meta['train_tokens'] // (length + 1)}"
+                f" rows of {length} tokens (the training text in {data_dir})", getattr(cfg, name))
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder's records: which settings each step's results were made with
+# --------------------------------------------------------------------------------------------
+RESULTS = {  # what each step writes into the run folder (the first: its mark in a folder without records)
+    "align": ("align",), "select": ("select.json",), "distill": ("distill",), "finetune": ("finetune",),
+    "scale": ("scale.json", "hybrid"),
+    "report": ("report.json", "report.md", "perplexity.png", "niah.png", "layer_scores.png"),
+}
+NEEDS = {"select": "align", "distill": "select", "finetune": "distill", "scale": "distill", "report": "distill"}
+
+
+class StaleResults(ValueError):
+    """The run folder holds results of a step that the current settings would not reproduce."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says where the same command resumes."""
+
+
+def format_value(value):
+    """A setting's value as the command line takes it: lists comma-separated, None as 'unset'."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(format_value, value))
+    return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def step_settings(cfg, step):
+    """The settings the results of `step` depend on: every HaloConfig field that `step` or a step before it uses."""
+    used = STEPS[:STEPS.index(step) + 1]
+    return {f.name: json.loads(json.dumps(getattr(cfg, f.name))) for f in fields(cfg)
+            if f.metadata.get("step") in used}
+
+
+def read_records(folder):
+    path = Path(folder) / "steps.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_run_folder(cfg):
+    """Refuse (StaleResults) if the run folder holds results of a step, finished or started, that were made with
+    settings other than `cfg`'s (steps that `cfg.redo` redoes and a report about to be recomputed aside), and
+    (ConfigError) if a step of `cfg.stages` needs results that the folder does not hold. Returns the records."""
+    d, records = Path(cfg.out), read_records(cfg.out)
+    redone = STEPS[STEPS.index(cfg.redo):] if cfg.redo else ()
+    defaults = asdict(HaloConfig())
+    for step in STEPS:
+        if step in redone or (step == "report" and step in cfg.stages):
+            continue
+        if step not in records:
+            if (d / RESULTS[step][0]).exists():
+                raise StaleResults(f"{d} holds results of '{step}' with no record of their settings (steps.json): "
+                                   f"redo it and every step after it (--redo {step}), or use another run folder "
+                                   "(--out)")
+            continue
+        if not records[step]["done"] and not has_checkpoint(d, step):
+            continue  # started, but stopped before anything was saved
+        old = records[step]["settings"]
+        changes = [f"{k} {format_value(old.get(k, defaults[k]))} → {format_value(v)}"
+                   for k, v in step_settings(cfg, step).items() if old.get(k, defaults[k]) != v]
+        if changes:
+            what = "results" if records[step]["done"] else "an unfinished run"
+            raise StaleResults(f"{d} holds {what} of '{step}' made with other settings ({', '.join(changes)}): redo "
+                               f"it and every step after it (--redo {step}), or use another run folder (--out)")
+    done = {s for s, r in records.items() if r["done"] and s not in redone}
+    for step in cfg.stages:
+        need = NEEDS.get(step)
+        if step == "select" and cfg.attn_layers is not None:
+            continue  # the layers are given: no scores, no aligned model needed
+        if need and need not in cfg.stages and need not in done:
+            raise ConfigError("stages", f"'{step}' needs the results of '{need}', which {d} does not hold; add "
+                              f"{need} to the stages ({','.join(cfg.stages)})")
+    return records
+
+
+def has_checkpoint(folder, step):
+    return any((Path(folder) / step).glob("**/ckpt/last.pt"))
+
+
+def checkpoint_step(ckpt_dir):
+    """The step of the checkpoint in `ckpt_dir` (minihalo.train), or None."""
+    path = Path(ckpt_dir) / "last.pt"
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"] if path.is_file() else None
+
+
+def part_label(part):
+    """'align', or 'finetune (length 256)' for the training run whose folder is finetune/len256."""
+    step, _, length = part.partition("/len")
+    return f"{step} (length {length})" if length else step
+
+
+def training_parts(cfg, step):
+    """(checkpoint folder relative to the run folder, optimizer steps) of each training run of `step`, in order."""
+    if step == "finetune":
+        return [(f"finetune/len{T}", cfg.steps_finetune) for T in cfg.finetune_lengths]
+    return [(step, getattr(cfg, f"steps_{step}"))] if step in ("align", "distill") else []
+
+
+def resume_hint(cfg, step):
+    """What to do after Ctrl-C during `step` (None: before the first step), as one line."""
+    again = f"run the same command without --redo {cfg.redo}" if cfg.redo and step else "run the same command"
+    if step is None:
+        return f"interrupted; {again} to start again"
+    for part, steps in training_parts(cfg, step):
+        n = checkpoint_step(Path(cfg.out) / part / "ckpt")
+        if n is None or n < steps:
+            where = f"step {n} of {part_label(part)}" if n else f"the start of {part_label(part)}"
+            return f"interrupted; {again} to resume from {where}"
+    where = "the end" if training_parts(cfg, step) else "the start"  # the end: saving the trained model
+    return f"interrupted; {again} to resume from {where} of {step}"
+
+
 class Run:
     """The run folder and what the steps share: the teacher, the data, the device."""
 
     def __init__(self, cfg: HaloConfig):
-        bad = sorted(set(cfg.stages) - set(STEPS))
-        if bad:
-            raise ValueError(f"unknown stages {bad}; expected some of {STEPS}")
-        if cfg.selection not in ("halo", "recall_drop", "even"):
-            raise ValueError(f"selection must be 'halo', 'recall_drop' or 'even'; got {cfg.selection!r}")
-        if cfg.teacher_parallel not in ("replicate", "shard"):
-            raise ValueError(f"teacher_parallel must be 'replicate' or 'shard'; got {cfg.teacher_parallel!r}")
-        self.cfg, self.dir = cfg, Path(cfg.out)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        teacher_cfg = check_config(cfg)
         device = distributed.setup()  # under torchrun: this process's GPU
-        if distributed.is_main():
+        self.cfg, self.dir = cfg, Path(cfg.out)
+        self.T = cfg.seq_len or teacher_cfg.max_position_embeddings
+        try:
+            self.tok = ByteTokenizer() if cfg.tokenizer == "byte" else HFTokenizer(cfg.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError("tokenizer", f"cannot load {cfg.tokenizer!r}: {str(e).splitlines()[0]}") from None
+        with distributed.main_first():  # the corpus cache is written once, by rank 0
+            self.data_dir = cfg.data_dir or prepare("english", self.tok)
+        self.val = TokenFile(self.data_dir, "val")
+        check_data(cfg, self.T, self.tok, self.data_dir, teacher_cfg.vocab_size)
+        self.records = check_run_folder(cfg)
+        if cfg.redo:
+            self.remove(STEPS[STEPS.index(cfg.redo):])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():  # rank 0 writes the run folder
             (self.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+            if cfg.teacher == "toy-scratch":
+                self.forget_other_toy_teacher()
+        distributed.barrier()
         self.device = device if distributed.world_size() > 1 else \
             torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.teacher = load_teacher(cfg.teacher, self.device, self.dir, cfg.teacher_steps).eval()
         self.teacher.requires_grad_(False)
-        self.T = cfg.seq_len or self.teacher.config.max_position_embeddings
-        self.tok = ByteTokenizer() if cfg.tokenizer == "byte" else HFTokenizer(cfg.tokenizer)
-        with distributed.main_first():  # the corpus cache is written once, by rank 0
-            self.data_dir = cfg.data_dir or prepare("english", self.tok)
-        self.val = TokenFile(self.data_dir, "val")
-        if self.val.vocab_size > self.teacher.config.vocab_size:
-            raise ValueError(f"the corpus in {self.data_dir} has vocabulary {self.val.vocab_size}, the teacher "
-                             f"{self.teacher.config.vocab_size}; pass the teacher's tokenizer (--tokenizer)")
+
+    def forget_other_toy_teacher(self):
+        """Delete the run folder's toy teacher (load_teacher's "toy-scratch") if it was pretrained for another
+        number of steps than the current settings ask for: the next load pretrains the one they describe."""
+        from minihalo.teacher import recipe
+        saved = self.dir / "teacher" / "report.json"
+        if saved.is_file() and json.loads(saved.read_text())["steps"] != (self.cfg.teacher_steps or
+                                                                          recipe("halo")["steps"]):
+            shutil.rmtree(self.dir / "teacher")
+
+    # ---- the records: each step's settings, started or done (steps.json) --------------------
+    def done(self, step):
+        return self.records.get(step, {}).get("done", False)
+
+    def record(self, step, done):
+        if done:
+            self.records[step]["done"] = True
+        else:
+            self.records[step] = {"done": False, "settings": step_settings(self.cfg, step)}
+        self.write_records()
+
+    def write_records(self):
+        if not distributed.is_main():
+            return
+        tmp = self.dir / "steps.json.tmp"
+        tmp.write_text(json.dumps(self.records, indent=1))
+        tmp.replace(self.dir / "steps.json")
+
+    def remove(self, steps):
+        """Delete the results and records of `steps` (rank 0 deletes; the other processes forget the records)."""
+        for step in steps:
+            for name in RESULTS[step] if distributed.is_main() else ():
+                path = self.dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            self.records.pop(step, None)
+        if (self.dir / "steps.json").is_file():
+            self.write_records()
+
+    def compute(self, step):
+        """Run `step`, after removing the results of the steps after it (they were built on its earlier results)
+        and, for the report, its own; its record says "started" until it is done."""
+        later = [s for s in STEPS[STEPS.index(step) + 1:] if s in self.records or (self.dir / RESULTS[s][0]).exists()]
+        if later:
+            print(f"removing the results of {', '.join(later)}: they were built on an earlier {step}")
+        self.remove(later + (["report"] if step == "report" else []))
+        training = step in ("align", "distill", "finetune")
+        if training and not has_checkpoint(self.dir, step) and distributed.is_main():
+            shutil.rmtree(self.dir / step, ignore_errors=True)  # what a start that saved no checkpoint left
+        self.record(step, done=False)
+        distributed.barrier()
+        if training or distributed.is_main():  # under torchrun: training on every process, the rest on rank 0
+            getattr(self, step)()
+        distributed.barrier()
+        self.record(step, done=True)
 
     def batches(self, seq_len, batch_size):
         """Training batches by step: corpus windows, with needle-retrieval and copy rows mixed in
@@ -151,6 +547,9 @@ class Run:
 
     def train_cfg(self, step, steps, lr, **kw):
         c = self.cfg
+        n = checkpoint_step(self.dir / step / "ckpt")
+        if n is not None and n < steps:
+            print(f"resuming {part_label(step)} from step {n}")
         return TrainConfig(steps=steps, lr=lr, min_lr=lr / 100, warmup_steps=min(c.warmup_steps, steps // 2),
                            seed=c.seed, progress=c.progress, ckpt_dir=str(self.dir / step / "ckpt"),
                            ckpt_every=max(1, steps // 4), parallel=c.parallel, **kw)
@@ -283,43 +682,129 @@ def read_jsonl(path, key=None):
 
 
 def run(cfg: HaloConfig):
-    """The pipeline: each step in cfg.stages, in order; a step that finished before is loaded, not redone
-    (delete its folder to redo it). Returns the Run. Under torchrun the training steps (align, distill,
-    finetune) run on every process; select, scale and report on rank 0 while the others wait."""
+    """The pipeline: each step in cfg.stages, in order, into the run folder cfg.out; a step that finished before
+    with the same settings is loaded, not redone (see the module's docstring for the rules). Returns the Run.
+    Raises ConfigError (a setting that cannot work) or StaleResults before anything is computed, and
+    Interrupted on Ctrl-C. Under torchrun the training steps (align, distill, finetune) run on every process;
+    select, scale and report on rank 0 while the others wait."""
     if not torch.cuda.is_available():
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    r = Run(cfg)
-    for step in STEPS:
-        if step not in cfg.stages:
-            continue
-        done = r.saved(step) is not None or (step == "select" and (r.dir / "select.json").is_file())
-        if done and step in ("align", "select", "distill", "finetune"):
-            if distributed.is_main():
-                print(f"{step}: already done in {r.dir}")
-            continue
-        if step in ("align", "distill", "finetune") or distributed.is_main():
-            getattr(r, step)()
-        distributed.barrier()
+    step = None
+    try:
+        r = Run(cfg)
+        for step in STEPS:
+            if step not in cfg.stages:
+                continue
+            if step != "report" and r.done(step):
+                if distributed.is_main():
+                    print(f"{step}: already done in {r.dir}")
+                continue
+            r.compute(step)
+    except KeyboardInterrupt:
+        raise Interrupted(resume_hint(cfg, step)) from None
     return r
 
 
+# --------------------------------------------------------------------------------------------
+# The command line: one option per HaloConfig field, its help from the field's metadata
+# --------------------------------------------------------------------------------------------
+PROG = "python -m minihalo.halo"
+GROUPS = {
+    "run": "the run", "training": "training data and schedule (steps 1, 3 and 4)",
+    "align": "step 1, align: every layer's RNN learns to imitate its attention layer (MSE)",
+    "select": "step 2, select: which layers keep attention", "distill": "step 3, distill: KL to the teacher",
+    "finetune": "step 4, finetune: next-token cross-entropy at longer contexts",
+    "scale": "step 5, scale: the HyPE query scale", "evaluation": "evaluation (step 2's scores, step 5, the report)",
+}
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr: '<prog>: error: <message>', exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def option_name(name):
+    return {"progress": "--no-progress"}.get(name, "--" + name.replace("_", "-"))
+
+
+def preset_values(f):
+    """'[tiny: 150, small: 500]': the value of field `f` in each preset ('' if every preset leaves it unset)."""
+    values = {p: PRESETS[p].get(f.name, f.default if f.default is not MISSING else f.default_factory())
+              for p in PRESETS}
+    return "" if all(v is None for v in values.values()) else \
+        " [" + ", ".join(f"{p}: {format_value(v)}" for p, v in values.items()) + "]"
+
+
+def add_options(ap, names=None, presets=True):
+    """One option per HaloConfig field (or per field in `names`), grouped as GROUPS, with its help text and,
+    when `presets`, each preset's value."""
+    for group, title in GROUPS.items():
+        chosen = [f for f in fields(HaloConfig) if f.metadata.get("group", "run") == group and f.name != "preset"
+                  and (names is None or f.name in names)]
+        options = ap.add_argument_group(title) if chosen else None
+        for f in chosen:
+            text = f.metadata.get("help", "").replace("%", "%%")
+            if f.type is bool:
+                options.add_argument(option_name(f.name), dest=f.name, action="store_const", const=not f.default,
+                                     help=f"do not {text}" if f.default else text)
+                continue
+            if presets and (group != "run" or f.metadata.get("step")):  # not for --out, --stages, ...
+                text += preset_values(f)
+            options.add_argument(option_name(f.name), dest=f.name, metavar=f.metadata.get("unit"), help=text)
+
+
+def parse_option(f, text):
+    """The value of field `f` from the command line's `text`, or a ConfigError."""
+    kind = f.metadata.get("items", float) if f.type in (list, tuple) else f.type
+    kind = str if f.type is tuple else kind
+    parts = [s.strip() for s in text.split(",")] if f.type in (list, tuple) else [text]
+    names = {int: "integers", float: "numbers", str: "names"} if f.type in (list, tuple) else \
+        {int: "an integer", float: "a number", str: "a name"}
+    try:
+        values = [kind(s) for s in parts]
+    except ValueError:
+        raise ConfigError(f.name, f"expected {'comma-separated ' if f.type in (list, tuple) else ''}"
+                          f"{names[kind]}, got {text!r}") from None
+    return tuple(values) if f.type is tuple else values if f.type is list else values[0]
+
+
+def config_from_args(args):
+    """The HaloConfig of parsed command-line options: the preset's values, changed by the options given."""
+    changes = {}
+    for f in fields(HaloConfig):
+        given = getattr(args, f.name, None)
+        if given is not None and f.name != "preset":
+            changes[f.name] = given if f.type is bool else parse_option(f, given)
+    return preset_config(args.preset, **changes)
+
+
+def run_command(ap, make_config):
+    """run(make_config()) for a command line: a setting that cannot work, stale results or a non-finite loss end the
+    command with one line on stderr (exit status 2, 2 and 1), Ctrl-C with where to resume (exit status 130)."""
+    try:
+        return run(make_config())
+    except ConfigError as e:
+        ap.error(f"{option_name(e.field)}: {e.message}")
+    except StaleResults as e:
+        ap.error(str(e))
+    except NonFiniteLossError as e:
+        ap.exit(1, f"{ap.prog}: error: {e}\n")
+    except Interrupted as e:
+        ap.exit(130, f"{e}\n")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="HALO: distil a Transformer into a HypeNet (docs/method.md §4). "
-                                 "Every HaloConfig field is an option; lists are comma-separated.")
-    ap.add_argument("--preset", default="tiny", help=f"one of {sorted(PRESETS)} (default tiny)")
-    ap.add_argument("--stages", default=",".join(STEPS), help=f"comma-separated steps (default {','.join(STEPS)})")
-    ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    options = [f for f in fields(HaloConfig) if f.name not in ("stages", "progress", "preset")]
-    for f in options:
-        ap.add_argument("--" + f.name.replace("_", "-"), default=None, metavar=f.type.__name__.upper(),
-                        type=str if f.type is list else f.type, help=f"default {getattr(HaloConfig, f.name, '[...]')}")
+    ap = OneLineErrors(prog=PROG, description="HALO (docs/method.md §4): distil a Transformer into a HypeNet, step by "
+                       f"step ({', '.join(STEPS)}), into a run folder with a report. Each option sets one HaloConfig "
+                       "field; lists are comma-separated; [tiny: ..., small: ...] gives each preset's value. A rerun "
+                       "loads the steps that are done and resumes an interrupted one from its checkpoint.")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                    help="start from this preset's values; options given change them [default: tiny]")
+    add_options(ap)
     args = ap.parse_args(argv)
-    number = lambda x: float(x) if "." in x or "e" in x else int(x)  # noqa: E731
-    changes = {f.name: [number(x) for x in getattr(args, f.name).split(",")] if f.type is list
-               else getattr(args, f.name) for f in options if getattr(args, f.name) is not None}
-    cfg = preset_config(args.preset, stages=tuple(s.strip() for s in args.stages.split(",")),
-                        progress=not args.no_progress, **changes)
-    r = run(cfg)
+    r = run_command(ap, lambda: config_from_args(args))
     if (r.dir / "report.md").is_file() and distributed.is_main():
         print(f"report: {r.dir / 'report.md'}")
     distributed.teardown()

@@ -1,5 +1,5 @@
-"""HALO (docs/method.md §4): alignment, layer selection, chunked KL distillation, the query scale, the CLI."""
-import json
+"""HALO (docs/method.md §4), step by step: what each stage trains, on which loss, and the layer selection, the chunked
+KL and the query scale. The pipeline that runs them into a run folder is tested in test_pipeline.py."""
 
 import numpy as np
 import pytest
@@ -7,15 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from minihalo import HybridConfig, HybridLM, to_hypenet
-from minihalo.data import prepare
-from minihalo.halo import (STEPS, distill_loss, evenly_spaced_layers, final_hidden, kl_divergence, load_teacher,
-                           num_attention_layers, pick_query_scale, recall_drop_layers, select_attention_layers,
-                           selection_scores, stage1_align, stage2_distill, swap_layer)
+from minihalo.halo import (distill_loss, evenly_spaced_layers, final_hidden, kl_divergence, load_teacher,
+                           mixer_parameters, num_attention_layers, pick_query_scale, recall_drop_layers,
+                           select_attention_layers, selection_scores, stage1_align, stage2_distill, stage3_finetune,
+                           swap_layer)
 from minihalo.model import Context
-from minihalo.pipeline import HaloConfig, main, preset_config, read_jsonl, run
 from minihalo.ops import rel_err
-from minihalo.tasks import WORDS
-from minihalo.train import TrainConfig
+from minihalo.pipeline import read_jsonl
+from minihalo.train import TrainConfig, next_token_loss
 
 # The authors' per-layer sweep for Qwen3-1.7B (docs/method.md §4): layer -> (C, R) of M(i).
 QWEN3_1_7B = {
@@ -221,48 +220,7 @@ def test_pick_query_scale_keeps_the_lowest_loss_and_saves_it(tmp_path):
     assert HybridLM.from_pretrained(str(tmp_path)).config.attn_scale_a == float(a)
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    """A random byte-level teacher (T = 96) and a small corpus of word documents."""
-    root = tmp_path_factory.mktemp("halo")
-    rng = np.random.default_rng(0)
-    docs = [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), 120)) + "." for _ in range(160)]
-    data = prepare("words", "byte", out_dir=root / "data", docs=docs)
-    make_teacher(vocab=256, layers=4, seq_len=96).save_pretrained(str(root / "teacher"))
-    return root, data
-
-
-def tiny_args(root, data, out, stages=",".join(STEPS)):
-    return ["--out", str(root / out), "--teacher", str(root / "teacher"), "--data-dir", str(data), "--stages",
-            stages, "--no-progress", "--steps-align", "3", "--steps-distill", "3", "--steps-finetune", "2",
-            "--batch-align", "2", "--batch-distill", "2", "--finetune-lengths", "192",
-            "--finetune-tokens-per-batch", "384", "--select-samples", "5", "--eval-samples", "1",
-            "--eval-windows", "2", "--eval-lengths", "96,192", "--scale-length", "192", "--a-grid", "16,256"]
-
-
-def test_cli_runs_end_to_end_and_steps_run_alone(tiny_world):
-    root, data = tiny_world
-    main(tiny_args(root, data, "run", "align,select"))
-    assert (root / "run" / "align" / "model" / "config.json").is_file()
-    main(tiny_args(root, data, "run", "distill,finetune,scale,report"))  # reads step 1's output
-    d = root / "run"
-    rep = json.loads((d / "report.json").read_text())
-    sel = json.loads((d / "select.json").read_text())
-    assert len(sel["layers"]) == 1 and sel["layers"] == sel["halo"]  # k = floor(4 / 4)
-    assert rep["layer_types"].count("attention") == 1 and rep["query_scale_a"] in (16.0, 256.0)
-    assert set(rep["eval"]) == {"teacher", "hypenet"} and set(rep["eval"]["hypenet"]["perplexity"]) == {"96", "192"}
-    assert set(rep["steps"]) == {"align", "distill", "finetune"}
-    assert rep["steps"]["distill"]["tokens"] == 3 * 2 * 96
-    for f in ("report.md", "perplexity.png", "niah.png", "layer_scores.png", "hybrid/config.json",
-              "align/layers.jsonl", "distill/history.jsonl"):
-        assert (d / f).is_file(), f
-    assert len(read_jsonl(d / "align" / "layers.jsonl")) == 3
-
-
-def test_clear_errors(tiny_world, tmp_path):
-    root, data = tiny_world
-    with pytest.raises(ValueError, match="unknown preset"):
-        preset_config("huge")
+def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="k=9"):
         num_attention_layers(8, k=9)
     with pytest.raises(ValueError, match="k=5"):
@@ -275,8 +233,75 @@ def test_clear_errors(tiny_world, tmp_path):
         load_teacher(str(tmp_path / "hybrid"))
     with pytest.raises(ValueError, match="no such folder"):
         load_teacher(str(tmp_path / "missing"))
-    with pytest.raises(ValueError, match="run the step 'align' first"):
-        run(HaloConfig(out=str(tmp_path / "empty"), teacher=str(root / "teacher"), data_dir=str(data),
-                       stages=("distill",), progress=False))
-    with pytest.raises(ValueError, match="unknown stages"):
-        run(HaloConfig(out=str(tmp_path / "x"), teacher=str(root / "teacher"), stages=("distil",)))
+
+
+# ------------------------------------------------------------------------------------------------
+# What each stage optimizes: which parameters the optimizer holds, on which loss, the first update
+# ------------------------------------------------------------------------------------------------
+def optimizer_shapes(ckpt_dir):
+    """The shapes of the parameters a stage's optimizer held, in its order, from its checkpoint (None for one that
+    never got a gradient, so has no AdamW state)."""
+    state = torch.load(ckpt_dir / "last.pt", weights_only=False)["optimizer"]
+    return [tuple(state["state"][i]["exp_avg"].shape) if i in state["state"] else None
+            for group in state["param_groups"] for i in group["params"]]
+
+
+def first_adamw_step(model, loss_fn, batch, lr, clip=1.0, eps=1e-8):
+    """Every parameter's change, flattened, in AdamW's first step on loss_fn(model, batch) from scratch: the
+    gradient g clipped to norm `clip`, then -lr * g / (|g| + eps) (m and v bias-corrected; no weight decay).
+    The model is left unchanged."""
+    model.zero_grad()
+    loss_fn(model, batch).backward()
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    model.zero_grad()
+    g = torch.cat([x.flatten() for x in grads])
+    g = g * min(1.0, clip / (g.norm().item() + 1e-6))
+    return -lr * g / (g.abs() + eps)
+
+
+def change(after, before):
+    return torch.cat([(a.detach() - b.detach()).flatten() for a, b in zip(after.parameters(), before.parameters())])
+
+
+def test_stage1_optimizer_holds_only_the_lightning_mixers(tmp_path):
+    """Only the RNNs train in step 1: the other parameters get no gradient, so only the optimizer shows it."""
+    teacher = make_teacher()
+    student, _, _ = stage1_align(teacher, batches, tcfg(steps=2, ckpt_dir=str(tmp_path), ckpt_every=1))
+    mixers = mixer_parameters(student, "lightning")
+    assert optimizer_shapes(tmp_path) == [tuple(p.shape) for p in mixers]
+    assert len(mixers) < len(list(student.parameters()))
+
+
+def test_stage2_trains_the_whole_aligned_student_on_the_kl_to_the_teacher(tmp_path):
+    teacher = make_teacher()
+    aligned, _, _ = stage1_align(teacher, batches, tcfg(steps=3))
+    start = to_hypenet(teacher, [1], lightning_from=aligned, seed=0)  # the aligned RNNs, attention kept in layer 1
+    ids, lr = batches(0), 1e-3
+    with torch.no_grad():
+        kl = kl_reference(start(ids[:, :-1]), teacher(ids[:, :-1]))  # KL(p_teacher ‖ p_student), fp64
+    expected = first_adamw_step(start, distill_loss(teacher), ids, lr)
+    ce_step = first_adamw_step(start, next_token_loss, ids, lr)
+    student, hist = stage2_distill(teacher, aligned, [1], batches,
+                                  tcfg(steps=1, lr=lr, warmup_steps=0, ckpt_dir=str(tmp_path), ckpt_every=1),
+                                  chunk_rows=33)
+    assert hist["loss"][0] == pytest.approx(kl.item(), rel=1e-5)
+    assert rel_err(change(student, start), expected) < 1e-3  # fp32; the update is about lr per parameter
+    assert rel_err(change(student, start), ce_step) > 0.3  # the test can tell the two losses apart
+    assert optimizer_shapes(tmp_path) == [tuple(p.shape) for p in student.parameters()]
+
+
+def test_stage3_trains_the_whole_student_on_next_token_cross_entropy(tmp_path):
+    teacher = make_teacher()
+    model = to_hypenet(teacher, [1], seed=0)
+    start = to_hypenet(teacher, [1], seed=0)
+    ids, lr = batches(0), 1e-3
+    expected = first_adamw_step(start, next_token_loss, ids, lr)
+    kl_step = first_adamw_step(start, distill_loss(teacher), ids, lr)
+    with torch.no_grad():
+        ce = F.cross_entropy(start(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).item()
+    hists = stage3_finetune(model, [(batches, T)], lambda n: tcfg(steps=1, lr=lr, warmup_steps=0, schedule="constant",
+                                                                  ckpt_dir=str(tmp_path), ckpt_every=1))
+    assert hists[T]["loss"][0] == pytest.approx(ce, rel=1e-6)
+    assert rel_err(change(model, start), expected) < 1e-3
+    assert rel_err(change(model, start), kl_step) > 0.3
+    assert optimizer_shapes(tmp_path) == [tuple(p.shape) for p in model.parameters()]

@@ -95,6 +95,26 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())  # no update from the bad step
 
 
+def test_gradient_is_clipped_before_the_optimizer_step(monkeypatch):
+    """The gradient AdamW steps with has norm <= grad_clip, checked inside the step itself."""
+    seen = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            grads = [p.grad.flatten() for group in self.param_groups for p in group["params"] if p.grad is not None]
+            seen.append(torch.cat(grads).norm().item())
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    for clip in (0.0, 0.05):
+        seen.clear()
+        torch.manual_seed(0)
+        train(TinyLM(), batches, cfg(steps=4, grad_clip=clip))
+        if not clip:
+            assert len(seen) == 4 and min(seen) > 0.1  # unclipped, the norm is well above the clip below
+    assert len(seen) == 4 and max(seen) <= 0.05 * (1 + 1e-5)
+
+
 def test_params_subset_trains_only_those():
     torch.manual_seed(0)
     model = TinyLM()
