@@ -222,23 +222,22 @@ def test_a_nan_on_one_process_stops_every_process(tmp_path):
 # --------------------------------------------------------------------------------------------
 # The HALO pipeline under torchrun: the same command, 2 processes
 # --------------------------------------------------------------------------------------------
-from test_halo import tiny_args, tiny_world  # noqa: E402,F401  (the tiny teacher and corpus)
+from test_pipeline import tiny_args, world  # noqa: E402,F401  (the tiny teacher and corpus)
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tiny_world):  # noqa: F811
-    root, data = tiny_world
-    main(tiny_args(root, data, "one"))
-    return root / "one"
+def one_process_run(world):  # noqa: F811
+    main(tiny_args(world, "one"))
+    return world[0] / "one"
 
 
 @pytest.mark.parametrize("parallel, teacher", [("ddp", "replicate"), ("fsdp", "shard")])
-def test_pipeline_in_two_processes_matches_one(tiny_world, one_process_run, parallel, teacher):  # noqa: F811
+def test_pipeline_in_two_processes_matches_one(world, one_process_run, parallel, teacher):  # noqa: F811
     """Every step of `python -m minihalo.halo` in 2 processes (training on both, selection, query scale and
     report on rank 0) gives one process's run: losses, per-layer alignment errors, layer scores and choice,
     query scale, final weights. fp32; float summation order only, compounded over the steps: 1e-4."""
-    root, data = tiny_world
-    spawn(main, tiny_args(root, data, parallel) + ["--parallel", parallel, "--teacher-parallel", teacher])
+    root = world[0]
+    spawn(main, tiny_args(world, parallel, "--parallel", parallel, "--teacher-parallel", teacher))
     one, two = one_process_run, root / parallel
     for step in ("align", "distill", "finetune"):
         a, b = read_jsonl(one / step / "history.jsonl"), read_jsonl(two / step / "history.jsonl")

@@ -277,12 +277,12 @@ def test_ctrl_c_says_where_to_resume_and_the_same_command_resumes_there(world, f
                                                                        monkeypatch):
     stage2 = pipeline.stage2_distill
 
-    def killed_before_step_2(teacher, aligned, layers, batches, cfg, *args):  # a checkpoint after every step
+    def killed_before_step_2(teacher, aligned, layers, batches, cfg, *args, **kwargs):  # a checkpoint after every step
         def source(i):
             if i == 2:
                 raise KeyboardInterrupt
             return batches(i)
-        return stage2(teacher, aligned, layers, source, cfg, *args)
+        return stage2(teacher, aligned, layers, source, cfg, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "stage2_distill", killed_before_step_2)
     out = tmp_path / "run"
@@ -314,7 +314,7 @@ def test_ctrl_c_in_a_step_without_checkpoints(world, tmp_path, monkeypatch):
 
 
 def test_a_non_finite_loss_ends_the_command_in_one_line(world, tmp_path, capsys, monkeypatch):
-    def diverged(*args):
+    def diverged(*args, **kwargs):
         raise NonFiniteLossError("loss is nan at step 2 (micro-batch 0); training stopped. Lower the learning rate")
     monkeypatch.setattr(pipeline, "stage2_distill", diverged)
     with pytest.raises(SystemExit) as stop:
