@@ -58,14 +58,17 @@ VARIANTS = {
 }
 WITH_SCALE = ("hype", "all_nope")  # NoPE attention: also evaluated with s_t
 
-RECIPE = dict(copy_share=0.25, copy_len=[8, 32], haystack="markov", max_needles=8, warmup_steps=30,
-              schedule="cosine", qk_gain=1.0)  # the training data and schedule; every entry can be --set
+# The training data and schedule; every entry can be --set. copy_alphabet: the tokens copy rows are drawn
+# from, "all" (keys, values and haystack: every token a needle or its question holds) or "haystack".
+RECIPE = dict(copy_share=0.25, copy_len=[8, 32], copy_alphabet="all", haystack="markov", max_needles=8,
+              warmup_steps=30, schedule="cosine", qk_gain=1.0)
+EARLIER = dict(copy_alphabet="haystack")  # the earlier recipe (3500 steps), under which RoPE attention never learned
 PRESETS = {
     "cpu": dict(model=dict(hidden_size=64, intermediate_size=192, num_heads=4, num_kv_heads=2, head_dim=16),
                 seq_len=128, batch_size=32, steps=120, lr=3e-3, rope_theta=10000.0, **RECIPE,
                 niah_samples=5, loss_rows=2, multiples=[1, 2, 4, 8, 16], a_grid=[4, 16, 64, 256, 1024], curve_points=4),
     "gpu": dict(model=dict(hidden_size=256, intermediate_size=768, num_heads=8, num_kv_heads=4, head_dim=32),
-                seq_len=128, batch_size=128, steps=3500, lr=2e-3, rope_theta=10000.0, **RECIPE,
+                seq_len=128, batch_size=128, steps=1800, lr=2e-3, rope_theta=10000.0, **RECIPE,
                 niah_samples=40, loss_rows=16, multiples=[1, 2, 4, 8, 16, 32, 64],
                 a_grid=[16, 64, 256, 1024, 4096], curve_points=20),
 }
@@ -97,6 +100,9 @@ def model_config(p, variant, lin_impl="auto"):
                         **spec, **p["model"])
 
 
+COPY_ALPHABETS = {"all": np.arange(TokenNIAH.KEYS[0], TokenNIAH.HAY[1]), "haystack": np.arange(*TokenNIAH.HAY)}
+
+
 def make_task(p, seed):
     """The TokenNIAH language of seed `seed` under preset dict `p` (its haystack and needles per row)."""
     return TokenNIAH(seed=seed, max_needles=p["max_needles"], haystack=p["haystack"])
@@ -122,7 +128,7 @@ def training_batch(task, p, seed, step):
     x = task.training_rows(rng, p["batch_size"], p["seq_len"])
     n = int(round(p["copy_share"] * p["batch_size"]))
     if n:
-        x[:n] = copy_rows(rng, n, p["seq_len"], np.arange(*TokenNIAH.HAY), *p["copy_len"])
+        x[:n] = copy_rows(rng, n, p["seq_len"], COPY_ALPHABETS[p["copy_alphabet"]], *p["copy_len"])
     return x
 
 
@@ -458,7 +464,8 @@ def main(argv=None):
     if not torch.cuda.is_available():
         torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.mechanism:
-        jobs = [{"label": label, "variant": v, "seed": args.seed, "changes": {**MECHANISM_STEPS, **c, **changes}}
+        jobs = [{"label": label, "variant": v, "seed": args.seed,
+                 "changes": {**EARLIER, **MECHANISM_STEPS, **c, **changes}}
                 for label, (v, c) in MECHANISM.items()]
         res = run_jobs(args.preset, jobs, args.parallel, args.lin_impl, args.deadline)
     elif args.seeds:
