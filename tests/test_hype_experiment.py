@@ -96,6 +96,13 @@ def test_row_losses_pick_each_value_token():
     got = hype.row_losses(model, rows)
     assert got["v1"] == pytest.approx(want_v1, rel=1e-5) and got["v2"] == pytest.approx(want_v2, rel=1e-5)
     assert got["all"] == pytest.approx(nll.mean().item(), rel=1e-5)
+    parts = [got[k] for k in ("sum_haystack", "sum_needles", "sum_questions")]
+    assert sum(parts) / 64 == pytest.approx(got["all"], rel=1e-5)
+    first_q = [int(np.argmax(rows[i, 1:].numpy() == TokenNIAH.QUERY)) for i in range(3)]
+    assert got["sum_questions"] == pytest.approx(np.mean([nll[i, q:].sum().item() for i, q in enumerate(first_q)]),
+                                                 rel=1e-5)
+    n_needle = [4 * int((rows[i] == TokenNIAH.NEEDLE).sum()) for i in range(3)]
+    assert all(0 < parts[1] < 10 * n for n in n_needle)
 
 
 def test_run_gives_every_length_and_the_scaled_variant():

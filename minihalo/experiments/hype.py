@@ -110,14 +110,23 @@ def make_task(p, seed):
 
 def row_losses(model, rows):
     """Mean NLLs of (N, L+1) rows: {"answer": the value tokens after each QUERY key, "v1", "v2": the
-    first and the second value token alone, "all": every token}."""
+    first and the second value token alone, "all": every token}, and the summed NLL per row of each part
+    of a row, "sum_haystack", "sum_needles" (each needle's 4 tokens), "sum_questions" (from the first
+    QUERY on): "all" is their total over the row length."""
     nll = token_nll(model, rows)  # (N, L)
     query = rows[:, :-1] == TokenNIAH.QUERY  # QUERY at t: key at t+1, values at t+2, t+3
     v1, v2 = torch.zeros_like(query), torch.zeros_like(query)  # predicted at t+1 and t+2
     v1[:, 1:] = query[:, :-1]
     v2[:, 2:] = query[:, :-2]
+    target = rows[:, 1:]  # nll[:, t] scores target[:, t]
+    pos = torch.arange(target.shape[1])
+    questions = pos >= (target == TokenNIAH.QUERY).int().argmax(1, keepdim=True)  # every row holds a question
+    marker = (target == TokenNIAH.NEEDLE).int()
+    needles = (torch.stack([marker.roll(i, 1) for i in range(4)]).sum(0) > 0) & ~questions
+    per_row = lambda mask: (nll * mask).sum(1).mean().item()  # noqa: E731
     return {"answer": nll[v1 | v2].mean().item(), "v1": nll[v1].mean().item(), "v2": nll[v2].mean().item(),
-            "all": nll.mean().item()}
+            "all": nll.mean().item(), "sum_haystack": per_row(~needles & ~questions),
+            "sum_needles": per_row(needles), "sum_questions": per_row(questions)}
 
 
 def training_batch(task, p, seed, step):
@@ -230,7 +239,7 @@ def training_probe(task, p):
 def evaluate_model(model, task, p, batch_size=8):
     """NIAH accuracy (all depths, and per depth) and the mean next-token loss of held-out rows at each
     multiple of T."""
-    T, out = p["seq_len"], {"niah": {}, "niah_by_depth": {}, "loss": {}}
+    T, out = p["seq_len"], {"niah": {}, "niah_by_depth": {}, "loss": {}, "loss_parts": {}}
     for m in p["multiples"]:
         L = m * T
         n = p["niah_samples"] // len(DEPTHS) or 1
@@ -239,8 +248,9 @@ def evaluate_model(model, task, p, batch_size=8):
         ok = score_answers(model, [s.input_ids for s in samples], [s.answer_ids for s in samples], bs)
         out["niah"][m] = ok.float().mean().item()
         out["niah_by_depth"][m] = ok.view(len(DEPTHS), n).float().mean(1).tolist()
-        out["loss"][m] = float(np.mean([row_losses(model, eval_rows(task, L, 1, 2 + i))["all"]
-                                        for i in range(p["loss_rows"])]))
+        losses = [row_losses(model, eval_rows(task, L, 1, 2 + i)) for i in range(p["loss_rows"])]
+        out["loss"][m] = float(np.mean([r["all"] for r in losses]))
+        out["loss_parts"][m] = {k: float(np.mean([r[k] for r in losses])) for k in losses[0] if k.startswith("sum_")}
     return out
 
 
