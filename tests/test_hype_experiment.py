@@ -87,7 +87,9 @@ def test_needle_attention_of_uniform_attention():
 
 def test_row_losses_pick_each_value_token():
     task = TokenNIAH(seed=0)
-    rows = task.training_rows(np.random.default_rng(0), 3, 64)
+    rows = task.training_rows(np.random.default_rng(0), 2, 64)
+    first = [TokenNIAH.NEEDLE, 9, 50, 51] + list(range(110, 167)) + [TokenNIAH.QUERY, 9, 50, 51]  # a needle at 0
+    rows = torch.cat([rows, torch.tensor([first])])
     model = tiny_model(attn_rope=True)
     nll = token_nll(model, rows)  # (N, L): nll[:, t] scores token t+1
     q = [(i, t) for i in range(3) for t in range(63) if rows[i, t] == TokenNIAH.QUERY]
@@ -101,8 +103,9 @@ def test_row_losses_pick_each_value_token():
     first_q = [int(np.argmax(rows[i, 1:].numpy() == TokenNIAH.QUERY)) for i in range(3)]
     assert got["sum_questions"] == pytest.approx(np.mean([nll[i, q:].sum().item() for i, q in enumerate(first_q)]),
                                                  rel=1e-5)
-    n_needle = [4 * int((rows[i] == TokenNIAH.NEEDLE).sum()) for i in range(3)]
-    assert all(0 < parts[1] < 10 * n for n in n_needle)
+    needle_nll = [sum(nll[i, n - 1 + k].item() for n in range(65) if rows[i, n] == TokenNIAH.NEEDLE
+                      for k in range(4) if n - 1 + k >= 0) for i in range(3)]  # token n + k is scored at n - 1 + k
+    assert got["sum_needles"] == pytest.approx(np.mean(needle_nll), rel=1e-5)
 
 
 def test_run_gives_every_length_and_the_scaled_variant():
@@ -136,3 +139,34 @@ def test_summary_over_seeds():
     assert s["seeds"] == 3 and s["niah"]["1"] == (1.0, 1.0, 1.0) and s["niah"]["64"] == (0.75, 0.25, 1.0)
     assert hype.first_step_at([(10, {"niah_1x": 0.5}), (20, {"niah_1x": 0.95}), (30, {"niah_1x": 1.0})]) == 20
     assert hype.first_step_at([(10, {"niah_1x": 0.5})]) is None
+
+
+def test_haystack_entropy_is_the_loss_of_the_true_chain():
+    """Scored with its own transition probabilities, a long sample of the chain costs the computed entropy."""
+    task = TokenNIAH(seed=1)
+    lo, n = TokenNIAH.HAY[0], 152
+    P = np.full((n, n), 0.1 / n)
+    for i in range(n):
+        for j in task.successors[lo + i]:
+            P[i, j - lo] += 0.9 / 3
+    x = task.haystack(200000, np.random.default_rng(0)) - lo
+    assert hype.haystack_entropy(task) == pytest.approx(-np.log(P[x[:-1], x[1:]]).mean(), abs=0.01)
+    assert hype.haystack_entropy(TokenNIAH(haystack="uniform")) == pytest.approx(math.log(152))
+
+
+def test_needle_attention_finds_the_head_on_the_needle(monkeypatch):
+    """Head 1 puts the answering row's mass on the needle's value tokens, the others on the last token: the
+    needle share is that head's, its recent share 0, and the mean over heads of the recent share 3/4."""
+    samples = TokenNIAH(seed=0).make(64, 0.3, 3)
+
+    def weights(mixer, x, ctx):
+        w = torch.zeros(x.shape[0], 4, 64, 64)
+        w[:, :, :, -1] = 1
+        for j, s in enumerate(samples):
+            w[j, 1, -1, :] = 0
+            w[j, 1, -1, s.needle_start + 2:s.needle_start + 4] = 0.5
+        return w
+
+    monkeypatch.setattr(hype, "attention_weights", weights)
+    out = hype.needle_attention(tiny_model(attn_rope=True), samples)
+    assert out == {"needle": [1.0], "recent": [0.0], "recent_all_heads": [0.75]}

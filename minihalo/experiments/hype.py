@@ -3,13 +3,18 @@
     python -m minihalo.experiments.hype --preset cpu                      # ~2 minutes on 2 CPU cores
     python -m minihalo.experiments.hype --preset gpu --seeds 0,1,2 --out hype_gpu.json
         # every variant x seed as its own process, spread over the visible GPUs (see --parallel)
+    python -m minihalo.experiments.hype --preset gpu --mechanism --out mech.json
+        # the runs that found why RoPE attention did not learn under the earlier recipe (MECHANISM)
 
 Every hybrid has the paper's layer pattern, (attention, Lightning, Lightning, Lightning) x 2; the
 baseline is a Transformer of the same size (8 attention layers with RoPE). All train on the same tokens:
 the token-level needle-in-a-haystack language `minihalo.tasks.TokenNIAH` at the training length T, with a
-`copy_share` of rows replaced by copy rows (`minihalo.tasks.copy_rows`). Retrieval is learned in a sudden
-jump after a plateau; the copy rows shorten the plateau. Only the CPU preset is short enough to run in a
-notebook on CPU, and it stops before any model learns retrieval. Position-encoding variants
+`copy_share` of rows replaced by copy rows (`minihalo.tasks.copy_rows`: a random string repeated), whose
+tokens are drawn from every token a needle and its question hold (keys, values, haystack). Copy rows train
+the copying circuit (an induction head) that retrieval uses; drawn from haystack tokens only (the earlier
+recipe, EARLIER), they trained it for tokens that no needle holds, and no layout with RoPE in its attention
+layers learned retrieval within 3500 steps (notes/retrieval.md). Only the CPU preset is short enough to run
+in a notebook on CPU, and it stops before any model learns retrieval. Position-encoding variants
 (docs/method.md §3.3):
 
     hype               attention NoPE,  Lightning RoPE   (HyPE)
@@ -25,8 +30,10 @@ the NIAH test; docs/method.md §4 step 5 picks `a` by long-document loss, and at
 long row's loss comes from haystack tokens that need no attention).
 
 Measured at each multiple of T: NIAH accuracy (one needle at depths 10..90%, exact match of both value
-tokens) and the mean next-token loss of held-out training-style rows; during training, NIAH at 1x T
-(the learning curve).
+tokens), overall and per depth, and the next-token loss of held-out training-style rows, as a mean and
+split into haystack, needles and questions. During training (the learning curve, `training_probe`): NIAH
+at 1x T, the loss of each answer token, the loss of copies, and where the answering position's attention
+goes (`needle_attention`).
 
 Shapes: B batch, T training length, L evaluation length.
 """
@@ -121,12 +128,28 @@ def row_losses(model, rows):
     target = rows[:, 1:]  # nll[:, t] scores target[:, t]
     pos = torch.arange(target.shape[1])
     questions = pos >= (target == TokenNIAH.QUERY).int().argmax(1, keepdim=True)  # every row holds a question
-    marker = (target == TokenNIAH.NEEDLE).int()
-    needles = (torch.stack([marker.roll(i, 1) for i in range(4)]).sum(0) > 0) & ~questions
+    marker = (rows == TokenNIAH.NEEDLE).int()  # (N, L+1); a needle is the marker and the 3 tokens after it
+    needles = (torch.stack([marker.roll(i, 1) for i in range(4)]).sum(0)[:, 1:] > 0) & ~questions
     per_row = lambda mask: (nll * mask).sum(1).mean().item()  # noqa: E731
     return {"answer": nll[v1 | v2].mean().item(), "v1": nll[v1].mean().item(), "v2": nll[v2].mean().item(),
             "all": nll.mean().item(), "sum_haystack": per_row(~needles & ~questions),
             "sum_needles": per_row(needles), "sum_questions": per_row(questions)}
+
+
+def haystack_entropy(task):
+    """The haystack's next-token entropy (nats per token), the loss of a perfect model on haystack tokens:
+    the entropy of each token's next-token distribution, averaged over the haystack's tokens (ln 152 for a
+    uniform haystack). Weighting by how often each token occurs instead changes it by less than 0.003 nats
+    (seeds 0-2)."""
+    lo, hi = TokenNIAH.HAY
+    n = hi - lo
+    if task.kind == "uniform":
+        return math.log(n)
+    P = np.full((n, n), 0.1 / n)  # P[i, j]: next token lo + j after lo + i
+    for i in range(n):
+        for j in task.successors[lo + i]:
+            P[i, j - lo] += 0.9 / 3
+    return float(-(P * np.log(P)).sum(1).mean())
 
 
 def training_batch(task, p, seed, step):
@@ -423,22 +446,23 @@ def first_step_at(curve, level=0.9):
     return next((step for step, c in curve if c["niah_1x"] >= level), None)
 
 
-def mechanism_table(results):
-    """A plain-text table of `run_jobs` results: per run, NIAH at 1x T at the end and the first step at
-    >= 90%, the NLL of each answer token and of short and long copies at the end, and the needle share
-    of the answering position's attention (best head; each attention layer)."""
-    lines = [f"{'run':<36}{'niah':>6}{'90% at':>8}{'v1 nll':>8}{'v2 nll':>8}{'copy16':>8}{'copyT/2':>8}  attention on needle"]
-    for r in results["runs"]:
-        for name, e in r["models"].items():
-            if name.endswith("_st"):
-                continue
-            last = e["curve"][-1][1]
-            copy = [v for k, v in last.items() if k.startswith("copy_nll_")]
-            lines.append(f"{r['label']:<36}{100 * e['niah']['1']:>6.0f}{str(first_step_at(e['curve'])):>8}"
-                         f"{last['answer_nll_v1']:>8.2f}{last['answer_nll_v2']:>8.2f}{copy[0]:>8.2f}{copy[1]:>8.2f}  "
-                         + " ".join(f"{100 * a:.0f}" for a in last["attn_needle"]))
-    for s in results.get("stopped", []):
-        lines.append(f"{s['label']:<36} stopped at the deadline after {s['curve'][-1][0] if s['curve'] else 0} steps")
+def learning_table(results):
+    """A plain-text table of `run_jobs` results, finished runs and runs stopped at the deadline alike, from the
+    last point of each learning curve: NIAH at 1x T (the probe's 20 prompts), the first step at >= 90%, the
+    NLL of each answer token, of short and of long copies, and the needle share of the answering position's
+    attention (the best head of each attention layer)."""
+    curves = [(r["label"], e["curve"]) for r in results["runs"] for n, e in r["models"].items() if not n.endswith("_st")]
+    curves += [(s["label"], s["curve"]) for s in results.get("stopped", []) if s["curve"]]
+    order = list(MECHANISM) + [f"{v}_{s}" for s in range(10) for v in VARIANTS]
+    curves.sort(key=lambda lc: order.index(lc[0]) if lc[0] in order else len(order))
+    lines = [f"{'run':<34}{'steps':>6}{'niah':>6}{'90% at':>8}{'v1 nll':>8}{'v2 nll':>8}{'copy16':>8}"
+             f"{'copyT/2':>8}  attention on needle (%)"]
+    for label, curve in curves:
+        step, last = curve[-1]
+        copy = [v for k, v in last.items() if k.startswith("copy_nll_")]
+        lines.append(f"{label:<34}{step:>6}{100 * last['niah_1x']:>6.0f}{str(first_step_at(curve)):>8}"
+                     f"{last['answer_nll_v1']:>8.2f}{last['answer_nll_v2']:>8.2f}{copy[0]:>8.2f}{copy[1]:>8.2f}  "
+                     + " ".join(f"{100 * a:.0f}" for a in last["attn_needle"]))
     return "\n".join(lines)
 
 
@@ -488,7 +512,7 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     if not args.quiet:
-        print(mechanism_table(res) if args.mechanism else table(res))
+        print(learning_table(res) if args.mechanism else table(res))
 
 
 if __name__ == "__main__":
