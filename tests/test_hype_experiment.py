@@ -139,6 +139,7 @@ def test_summary_over_seeds():
     assert s["seeds"] == 3 and s["niah"]["1"] == (1.0, 1.0, 1.0) and s["niah"]["64"] == (0.75, 0.25, 1.0)
     assert hype.first_step_at([(10, {"niah_1x": 0.5}), (20, {"niah_1x": 0.95}), (30, {"niah_1x": 1.0})]) == 20
     assert hype.first_step_at([(10, {"niah_1x": 0.5})]) is None
+    assert hype.first_step_at([(10, {"niah_1x": torch.ones(18).sum().div(20).item()})]) == 10  # 18 of 20 in fp32
 
 
 def test_haystack_entropy_is_the_loss_of_the_true_chain():
