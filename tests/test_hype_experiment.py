@@ -131,6 +131,7 @@ def test_deadline_stops_a_run_and_keeps_its_curve():
     assert res["runs"] == [] and res["failed"] == [] and res["wall_seconds"] < 60
     (stopped,) = res["stopped"]
     assert stopped["label"] == "long" and stopped["curve"][0][0] == 1 and "niah_1x" in stopped["curve"][0][1]
+    assert list(hype.learning_curves(res)) == ["long"] and "\nlong " in hype.learning_table(res)
 
 
 def test_summary_over_seeds():

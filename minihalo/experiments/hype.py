@@ -447,18 +447,23 @@ def first_step_at(curve, level=0.9):
     return next((step for step, c in curve if c["niah_1x"] >= level - 1e-6), None)
 
 
+def learning_curves(results):
+    """{label: learning curve [(step, probe dict)]} of the runs of a `run_jobs` result, those stopped at the
+    deadline included, in the order of MECHANISM and then of VARIANTS."""
+    curves = [(r["label"], e["curve"]) for r in results["runs"] for n, e in r["models"].items() if not n.endswith("_st")]
+    curves += [(s["label"], s["curve"]) for s in results.get("stopped", []) if s["curve"]]
+    order = list(MECHANISM) + [f"{v}_{s}" for s in range(10) for v in VARIANTS]
+    return dict(sorted(curves, key=lambda lc: order.index(lc[0]) if lc[0] in order else len(order)))
+
+
 def learning_table(results):
     """A plain-text table of `run_jobs` results, finished runs and runs stopped at the deadline alike, from the
     last point of each learning curve: NIAH at 1x T (the probe's 20 prompts), the first step at >= 90%, the
     NLL of each answer token, of short and of long copies, and the needle share of the answering position's
     attention (the best head of each attention layer)."""
-    curves = [(r["label"], e["curve"]) for r in results["runs"] for n, e in r["models"].items() if not n.endswith("_st")]
-    curves += [(s["label"], s["curve"]) for s in results.get("stopped", []) if s["curve"]]
-    order = list(MECHANISM) + [f"{v}_{s}" for s in range(10) for v in VARIANTS]
-    curves.sort(key=lambda lc: order.index(lc[0]) if lc[0] in order else len(order))
     lines = [f"{'run':<34}{'steps':>6}{'niah':>6}{'90% at':>8}{'v1 nll':>8}{'v2 nll':>8}{'copy16':>8}"
              f"{'copyT/2':>8}  attention on needle (%)"]
-    for label, curve in curves:
+    for label, curve in learning_curves(results).items():
         step, last = curve[-1]
         copy = [v for k, v in last.items() if k.startswith("copy_nll_")]
         lines.append(f"{label:<34}{step:>6}{100 * last['niah_1x']:>6.0f}{str(first_step_at(curve)):>8}"
