@@ -81,7 +81,7 @@ PRESETS = {
 }
 DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
-# The runs that look for why RoPE attention did not learn retrieval under the earlier recipe (RECIPE): one
+# The runs that looked for why RoPE attention did not learn retrieval under the earlier recipe (EARLIER): one
 # change each, mostly on the RoPE Transformer; evaluated at 1x T only. label: (variant, preset changes).
 MECHANISM_STEPS = dict(steps=2000, multiples=[1], loss_rows=4)
 CANDIDATE = dict(copy_len=[8, 128], qk_gain=1.5)
@@ -154,8 +154,8 @@ def haystack_entropy(task):
 
 def training_batch(task, p, seed, step):
     """The (B, T+1) batch of `step`: TokenNIAH rows, a `copy_share` of them replaced by copy rows (a random
-    haystack-token string, its length drawn from `copy_len`, repeated) that make induction heads, the
-    retrieval mechanism, form early."""
+    string of `copy_alphabet` tokens, its length drawn from `copy_len`, repeated) that make induction heads,
+    the retrieval mechanism, form early."""
     rng = np.random.default_rng([seed, step])
     x = task.training_rows(rng, p["batch_size"], p["seq_len"])
     n = int(round(p["copy_share"] * p["batch_size"]))
@@ -314,9 +314,10 @@ def run(preset="cpu", variants=tuple(VARIANTS), device=None, progress=True, lin_
 
         def curve(m):
             points.append((min(p["steps"], every * (len(points) + 1)), probe(m)))
-            if curve_file:
-                with open(curve_file, "w") as f:
+            if curve_file:  # written whole, then renamed: a run killed meanwhile leaves the previous one
+                with open(curve_file + ".tmp", "w") as f:
                     json.dump({"variant": variant, "seed": seed, "curve": points}, f)
+                os.replace(curve_file + ".tmp", curve_file)
             return points[-1][1]
 
         t0 = time.perf_counter()
@@ -373,7 +374,10 @@ def run_jobs(preset, jobs, parallel=None, lin_impl="auto", deadline=None):
             if proc.poll() is None:  # past the deadline: stop it, keep its curve
                 proc.kill()
                 proc.wait()
-                curve = json.load(open(path + ".curve"))["curve"] if os.path.exists(path + ".curve") else []
+                curve = []
+                if os.path.exists(path + ".curve"):
+                    with open(path + ".curve") as f:
+                        curve = json.load(f)["curve"]
                 print(f"{job['label']} stopped at the deadline", file=sys.stderr)
                 stopped.append({"label": job["label"], "curve": curve})
             elif proc.returncode:
