@@ -249,7 +249,9 @@ class TokenNIAH:
 
     Vocabulary (256 ids): 0 unused, 1 NEEDLE marker, 2 QUERY marker, keys [8, 40), values [40, 104),
     haystack [104, 256). The haystack is a fixed random Markov chain (each token has 3 likely
-    successors), so it has a next-token loss that a model can learn from local context alone. A needle
+    successors), so it has a next-token loss that a model can learn from local context alone;
+    `haystack="uniform"` draws haystack tokens independently and uniformly instead (nothing to learn
+    from local context: the haystack's loss is ln 152 whatever the model does). A needle
     is `NEEDLE key v1 v2`; a question is `QUERY key`, answered by `v1 v2`.
 
     Training rows hold 1..`max_needles` needles with distinct keys at random places and then all the
@@ -263,17 +265,23 @@ class TokenNIAH:
     KEYS, VALUES, HAY = (8, 40), (40, 104), (104, 256)
     vocab_size = 256
 
-    def __init__(self, seed=0, value_len=2, max_needles=8):
+    def __init__(self, seed=0, value_len=2, max_needles=8, haystack="markov"):
+        if haystack not in ("markov", "uniform"):
+            raise ValueError(f"haystack must be 'markov' or 'uniform'; got {haystack!r}")
         rng = np.random.default_rng([seed, 77])
         lo, hi = self.HAY
         self.successors = rng.integers(lo, hi, (hi, 3))  # (256, 3): the 3 likely next tokens of each token
-        self.value_len, self.max_needles = value_len, max_needles
+        self.value_len, self.max_needles, self.kind = value_len, max_needles, haystack
 
     def haystack(self, n, rng, rows=None):
-        """n tokens of the Markov chain (the next token is one of 3 successors w.p. 0.9, else uniform);
-        `rows=r` gives an (r, n) array, generated for all rows at once."""
+        """n haystack tokens: the Markov chain (the next token is one of 3 successors w.p. 0.9, else
+        uniform), or independent uniform tokens; `rows=r` gives an (r, n) array, generated for all rows
+        at once."""
         lo, hi = self.HAY
         r = 1 if rows is None else rows
+        if self.kind == "uniform":
+            out = rng.integers(lo, hi, (r, n))
+            return out[0] if rows is None else out
         out = np.empty((r, n), dtype=np.int64)
         t = rng.integers(lo, hi, r)
         likely, pick, noise = rng.random((r, n)) < 0.9, rng.integers(0, 3, (r, n)), rng.integers(lo, hi, (r, n))

@@ -111,3 +111,24 @@ def test_copy_rows_repeat_one_string_from_the_alphabet():
         p = next(p for p in range(4, 17) if row[p:] == row[:-p])  # the shortest period in [4, 16]
         periods.append(p)
     assert min(periods) == 4 and max(periods) == 16  # both ends of the range occur in 50 rows
+
+
+def test_token_niah_haystack_kinds():
+    """The default haystack follows its chain (9 of 10 steps to one of 3 successors); haystack="uniform"
+    draws every token independently and uniformly from the same range; needles and questions are the same."""
+    from minihalo.tasks import TokenNIAH
+
+    rng = np.random.default_rng(0)
+    for kind, lo_share, hi_share in (("markov", 0.88, 0.93), ("uniform", 0.0, 0.04)):
+        task = TokenNIAH(seed=0, haystack=kind)
+        x = task.haystack(20000, rng)
+        assert ((TokenNIAH.HAY[0] <= x) & (x < TokenNIAH.HAY[1])).all()
+        to_successor = (task.successors[x[:-1]] == x[1:, None]).any(1).mean()
+        assert lo_share < to_successor < hi_share
+        counts = np.bincount(x - TokenNIAH.HAY[0], minlength=152)
+        assert counts.min() > 0
+        s = task.sample(100, 0.5, seed=1)
+        assert s.input_ids[s.needle_start:s.needle_start + 2] == [task.NEEDLE, int(s.key)]
+    assert TokenNIAH(seed=3).kind == "markov"
+    with pytest.raises(ValueError, match="haystack"):
+        TokenNIAH(haystack="zipf")
