@@ -29,6 +29,8 @@ def main(argv=None):
     print(f"HypeNet / teacher perplexity at T = {rep['train_length']}: {q['perplexity_ratio_at_train_length']:.3f}")
     if niah["teacher"] is not None:
         print(f"NIAH at 4T = {long} tokens: teacher {100 * niah['teacher']:.0f}%, HypeNet {100 * niah['hypenet']:.0f}%")
+    print(f"wall time: {rep['wall_seconds']:.0f} s (steps: "
+          + ", ".join(f"{s} {v['seconds']:.0f}" for s, v in rep["steps"].items()) + f", eval {rep['eval_seconds']:.0f})")
     print(f"report: {r.dir / 'report.md'}")
 
 

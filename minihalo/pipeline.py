@@ -111,6 +111,7 @@ class Run:
     """The run folder and what the steps share: the teacher, the data, the device."""
 
     def __init__(self, cfg: HaloConfig):
+        self.started = time.perf_counter()  # the report's wall_seconds
         bad = sorted(set(cfg.stages) - set(STEPS))
         if bad:
             raise ValueError(f"unknown stages {bad}; expected some of {STEPS}")
