@@ -253,6 +253,9 @@ def test_cli_runs_end_to_end_and_steps_run_alone(tiny_world):
     assert set(rep["eval"]) == {"teacher", "hypenet"} and set(rep["eval"]["hypenet"]["perplexity"]) == {"96", "192"}
     assert set(rep["steps"]) == {"align", "distill", "finetune"}
     assert rep["steps"]["distill"]["tokens"] == 3 * 2 * 96
+    sha = json.loads((data / "meta.json").read_text())["sha256"]  # of the documents (tests/test_data.py)
+    assert rep["corpus"] == {"corpus": "words", "sha256": sha} and sha in (d / "report.md").read_text()
+    assert rep["wall_seconds"] >= rep["eval_seconds"] + rep["steps"]["distill"]["seconds"] > 0  # resumed: 2nd call
     for f in ("report.md", "perplexity.png", "niah.png", "layer_scores.png", "hybrid/config.json",
               "align/layers.jsonl", "distill/history.jsonl"):
         assert (d / f).is_file(), f
