@@ -12,7 +12,7 @@ Corpora
 - `stdlib_english_corpus()`: English that ships with the running Python itself: the reference-manual topics
   of `pydoc_data.topics` plus the docstrings of the standard library (read with `ast`, nothing imported).
   Works offline on any machine, Colab included; its contents depend on the Python version.
-  `write_snapshot(english_path)` freezes it into a snapshot file.
+  `write_snapshot(path)` freezes it into a snapshot file (data/README.md).
 - `code_corpus()`: the standard library's Python source files.
 - `text_files_corpus(paths)`: any local text files, one document per file.
 - `hf_corpus(name)`: a Hugging Face dataset streamed by name (FineWeb-Edu, as in the paper);
