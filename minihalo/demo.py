@@ -11,7 +11,7 @@ two by context length. Every step checkpoints; rerunning resumes. For more knobs
 import argparse
 import json
 
-from minihalo.pipeline import preset_config, run
+from minihalo.pipeline import STEPS, preset_config, run
 
 
 def main(argv=None):
@@ -29,8 +29,10 @@ def main(argv=None):
     print(f"HypeNet / teacher perplexity at T = {rep['train_length']}: {q['perplexity_ratio_at_train_length']:.3f}")
     if niah["teacher"] is not None:
         print(f"NIAH at 4T = {long} tokens: teacher {100 * niah['teacher']:.0f}%, HypeNet {100 * niah['hypenet']:.0f}%")
-    print(f"wall time: {rep['wall_seconds']:.0f} s (steps: "
-          + ", ".join(f"{s} {v['seconds']:.0f}" for s, v in rep["steps"].items()) + f", eval {rep['eval_seconds']:.0f})")
+    seconds = {s: (rep["steps"].get(s) or rep.get(s, {})).get("seconds") for s in STEPS[:-1]}
+    print(f"wall time: {rep['wall_seconds']:.0f} s ("
+          + ", ".join(f"{s} {v:.0f}" for s, v in seconds.items() if v is not None)
+          + f", evaluation {rep['eval_seconds']:.0f}; seconds)")
     print(f"report: {r.dir / 'report.md'}")
 
 
