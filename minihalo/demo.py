@@ -30,9 +30,9 @@ def main(argv=None):
     if niah["teacher"] is not None:
         print(f"NIAH at 4T = {long} tokens: teacher {100 * niah['teacher']:.0f}%, HypeNet {100 * niah['hypenet']:.0f}%")
     seconds = {s: (rep["steps"].get(s) or rep.get(s, {})).get("seconds") for s in STEPS[:-1]}
-    print(f"wall time: {rep['wall_seconds']:.0f} s ("
+    print(f"wall time of this command: {rep['wall_seconds']:.0f} s (seconds per step: "
           + ", ".join(f"{s} {v:.0f}" for s, v in seconds.items() if v is not None)
-          + f", evaluation {rep['eval_seconds']:.0f}; seconds)")
+          + f", evaluation {rep['eval_seconds']:.0f})")
     print(f"report: {r.dir / 'report.md'}")
 
 

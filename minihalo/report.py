@@ -102,7 +102,7 @@ def _markdown(rep, c, T):
     lines = [f"# HALO run ({c.preset or 'custom'} preset)", "",
              f"Device: {rep['device']}; torch {rep['torch']}. Teacher: {c.teacher}; training length T = {T}.",
              f"Corpus: {rep['corpus']['corpus']} (sha256 {rep['corpus']['sha256']}). "
-             f"Wall time: {rep['wall_seconds']:.0f} s.",
+             f"Wall time of the command that wrote this report: {rep['wall_seconds']:.0f} s.",
              f"HypeNet layers: {' '.join('A' if t == 'attention' else 'L' for t in rep['layer_types'])} "
              f"(A attention, NoPE; L Lightning, RoPE); HyPE query scale a = {rep['query_scale_a']}.", "",
              "| context length | " + " | ".join(str(L) for L in c.eval_lengths) + " |",
