@@ -1,6 +1,7 @@
 """Prepare a corpus as memory-mapped token files (nanoGPT-style entry point).
 
-    python data/prepare.py                                   # English from Python's docs, bytes
+    python data/prepare.py                                   # the frozen English snapshot, bytes
+    python data/prepare.py --corpus stdlib-english           # the same reader on this Python's own docs
     python data/prepare.py --corpus english+code             # plus the standard library's source code
     python data/prepare.py --corpus path/to/texts/           # your own .txt / .md files
     python data/prepare.py --corpus hf:HuggingFaceFW/fineweb-edu --tokenizer path/to/qwen3 --max-docs 200000
@@ -15,7 +16,7 @@ from minihalo.data import hf_corpus, load_corpus, prepare
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--corpus", default="english", help="english | code | english+code | hf:<dataset> | a path")
+    ap.add_argument("--corpus", default="english", help="english (the snapshot) | stdlib-english | code | english+code | hf:<dataset> | a path")
     ap.add_argument("--tokenizer", default="byte", help="'byte' or a transformers tokenizer (folder or hub name)")
     ap.add_argument("--out", default=None, help="output folder (default: data/cache/...)")
     ap.add_argument("--val-fraction", type=float, default=0.05)

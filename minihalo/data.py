@@ -7,9 +7,12 @@ The path from text to training batches, nanoGPT-style:
                              ->  PackedBatches(step) -> (B, T+1) int64 tensor
 
 Corpora
-- `english_corpus()`: English that ships with Python itself: the reference-manual topics of
-  `pydoc_data.topics` plus the docstrings of the standard library (read with `ast`, nothing imported).
-  Works offline on any machine, Colab included.
+- `english_corpus()`: the frozen English snapshot `data/english-3.11.7.jsonl.xz` (what the presets, the toy
+  teacher and the HALO pipeline train and evaluate on): the same text on every machine.
+- `stdlib_english_corpus()`: English that ships with the running Python itself: the reference-manual topics
+  of `pydoc_data.topics` plus the docstrings of the standard library (read with `ast`, nothing imported).
+  Works offline on any machine, Colab included; its contents depend on the Python version.
+  `write_snapshot(path)` freezes it into a snapshot file (data/README.md).
 - `code_corpus()`: the standard library's Python source files.
 - `text_files_corpus(paths)`: any local text files, one document per file.
 - `hf_corpus(name)`: a Hugging Face dataset streamed by name (FineWeb-Edu, as in the paper);
@@ -28,6 +31,7 @@ Shapes: B batch, T sequence length (tokens per training example, the model sees 
 import ast
 import hashlib
 import json
+import lzma
 import os
 import sysconfig
 from pathlib import Path
@@ -38,6 +42,8 @@ import torch
 _REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 # In a repository checkout: data/cache/ (git-ignored). Installed with pip (e.g. on Colab): ~/.cache/minihalo.
 DEFAULT_CACHE = _REPO_DATA / "cache" if _REPO_DATA.is_dir() else Path.home() / ".cache" / "minihalo"
+# The frozen English text (made by write_snapshot on CPython 3.11.7); see data/README.md.
+ENGLISH_SNAPSHOT = _REPO_DATA / "english-3.11.7.jsonl.xz"
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,8 +128,8 @@ def _clean(text):
     return text.replace("\x00", "")
 
 
-def english_corpus(min_chars: int = 200) -> list:
-    """English prose that ships with Python: `pydoc_data.topics` + standard-library docstrings.
+def stdlib_english_corpus(min_chars: int = 200) -> list:
+    """English prose that ships with the running Python: `pydoc_data.topics` + standard-library docstrings.
 
     One document per manual topic and one per docstring of at least `min_chars` characters
     (module, class and function docstrings, read with `ast` so no module is imported).
@@ -143,6 +149,40 @@ def english_corpus(min_chars: int = 200) -> list:
                 if doc and len(doc) >= min_chars:
                     docs.append(_clean(doc))
     return docs
+
+
+def corpus_sha256(docs) -> str:
+    """The sha256 of a list of documents: of their JSON-lines text (one JSON string per line, UTF-8),
+    i.e. of a snapshot file's uncompressed contents (`xz -dc FILE | sha256sum`)."""
+    h = hashlib.sha256()
+    for doc in docs:
+        h.update((json.dumps(doc) + "\n").encode("utf-8"))
+    return h.hexdigest()
+
+
+def write_snapshot(path, docs=None):
+    """Freeze documents (default: `stdlib_english_corpus()` of the running Python) into an xz-compressed
+    JSON-lines file, one JSON string per line. Returns their `corpus_sha256`."""
+    docs = stdlib_english_corpus() if docs is None else docs
+    text = "".join(json.dumps(doc) + "\n" for doc in docs).encode("utf-8")
+    Path(path).write_bytes(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME))
+    return corpus_sha256(docs)
+
+
+def read_snapshot(path) -> list:
+    """The documents of a snapshot file (see `write_snapshot`), in order."""
+    with lzma.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def english_corpus() -> list:
+    """The frozen English text: `ENGLISH_SNAPSHOT`, 2,517 documents (1.8 MB) that `stdlib_english_corpus()`
+    read on CPython 3.11.7. The same on every machine and Python; the default of the presets."""
+    if not ENGLISH_SNAPSHOT.is_file():
+        raise ValueError(f"the English snapshot is not at {ENGLISH_SNAPSHOT}: it ships in the repository's data/ "
+                         "folder, which a pip install does not have. Use the corpus 'stdlib-english' (the live "
+                         "text of this Python) or a path to your own text files")
+    return read_snapshot(ENGLISH_SNAPSHOT)
 
 
 def code_corpus(max_chars_per_file: int = 100_000) -> list:
@@ -193,19 +233,20 @@ def hf_corpus(name: str = "HuggingFaceFW/fineweb-edu", config: str = "sample-10B
     return docs
 
 
-CORPORA = {"english": english_corpus, "code": code_corpus}
+CORPORA = {"english": english_corpus, "stdlib-english": stdlib_english_corpus, "code": code_corpus}
 
 
 def load_corpus(name: str, **kwargs) -> list:
-    """"english", "code", "english+code", "hf:<dataset name>", or a path to local text files."""
+    """"english" (the snapshot), "stdlib-english", "code", parts joined by "+" (e.g. "english+code"),
+    "hf:<dataset name>", or a path to local text files."""
     if name.startswith("hf:"):
         return hf_corpus(name[3:], **kwargs)
     if all(part in CORPORA for part in name.split("+")):
         return [doc for part in name.split("+") for doc in CORPORA[part](**kwargs)]
     if Path(name).exists():
         return text_files_corpus(name)
-    raise ValueError(f"unknown corpus {name!r}; expected 'english', 'code', 'english+code', "
-                     f"'hf:<dataset>' or an existing path")
+    raise ValueError(f"unknown corpus {name!r}; expected 'english', 'stdlib-english', 'code', parts joined by "
+                     f"'+' (e.g. 'english+code'), 'hf:<dataset>' or an existing path")
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,23 +300,29 @@ def prepare(corpus="english", tokenizer="byte", out_dir=None, val_fraction=0.05,
     minihalo is installed rather than checked out):
         train.bin, val.bin           flat token arrays (uint16 if the vocabulary fits, else uint32)
         train_docs.npy, val_docs.npy document start offsets into the .bin files
-        meta.json                    corpus, tokenizer, vocab size, dtype, token and document counts
-    `docs` overrides the corpus with a list of documents you already have.
+        meta.json                    corpus, its sha256 (corpus_sha256), tokenizer, vocab size, dtype,
+                                     token and document counts
+    The cache is by content: the folder's hash covers the documents' sha256, the tokenizer, `val_fraction`
+    and `seed`, and a folder is reused only when its meta.json records the same. `docs` overrides the corpus
+    with a list of documents you already have.
     """
     tok = tokenizer_by_name(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    docs = load_corpus(corpus) if docs is None else docs
+    sha = corpus_sha256(docs)
     if out_dir is None:
-        key = hashlib.sha1(f"{corpus}|{tok.name}|{val_fraction}|{seed}".encode()).hexdigest()[:8]
+        key = hashlib.sha1(f"{sha}|{tok.name}|{val_fraction}|{seed}".encode()).hexdigest()[:8]
         safe = "".join(c if c.isalnum() else "_" for c in f"{corpus}-{tok.name}")[-60:]
         out_dir = DEFAULT_CACHE / f"{safe}-{key}"
     out_dir = Path(out_dir)
-    if docs is None and (out_dir / "meta.json").exists():
-        return out_dir
-    if docs is None:
-        docs = load_corpus(corpus)
-    train_docs, val_docs = split_documents(docs, val_fraction, seed)
-    meta = {"corpus": corpus, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
+    meta = {"corpus": corpus, "sha256": sha, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
             "eos_token_id": tok.eos_token_id, "dtype": np.dtype(_token_dtype(tok.vocab_size)).name,
             "val_fraction": val_fraction, "seed": seed}
+    if (out_dir / "meta.json").is_file():
+        old = json.loads((out_dir / "meta.json").read_text())
+        if all(old.get(k) == v for k, v in meta.items() if k != "corpus"):
+            return out_dir
+    (out_dir / "meta.json").unlink(missing_ok=True)  # until rewritten below, the folder is not a finished one
+    train_docs, val_docs = split_documents(docs, val_fraction, seed)
     for split, split_docs in (("train", train_docs), ("val", val_docs)):
         meta[f"{split}_tokens"] = write_token_file(split_docs, tok, out_dir / f"{split}.bin")
         meta[f"{split}_docs"] = len(split_docs)

@@ -18,7 +18,7 @@ Ctrl-C stops it; the same command resumes where it stopped. Every other setting 
 import argparse
 import json
 
-from minihalo.pipeline import OneLineErrors, add_options, config_from_args, run_command
+from minihalo.pipeline import STEPS, OneLineErrors, add_options, config_from_args, run_command
 
 
 def main(argv=None):
@@ -34,6 +34,10 @@ def main(argv=None):
     print(f"HypeNet / teacher perplexity at T = {rep['train_length']}: {q['perplexity_ratio_at_train_length']:.3f}")
     if niah["teacher"] is not None:
         print(f"NIAH at 4T = {long} tokens: teacher {100 * niah['teacher']:.0f}%, HypeNet {100 * niah['hypenet']:.0f}%")
+    seconds = {s: (rep["steps"].get(s) or rep.get(s, {})).get("seconds") for s in STEPS[:-1]}
+    print(f"wall time of this command: {rep['wall_seconds']:.0f} s (seconds per step: "
+          + ", ".join(f"{s} {v:.0f}" for s, v in seconds.items() if v is not None)
+          + f", evaluation {rep['eval_seconds']:.0f})")
     print(f"report: {r.dir / 'report.md'}")
 
 

@@ -44,6 +44,7 @@ def write_report(run):
     rep = {"device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else
            f"CPU, {torch.get_num_threads()} thread(s)", "torch": torch.__version__,
            "python": platform.python_version(), "train_length": run.T, "config": asdict(c), "eval": evals,
+           "corpus": {k: run.val.meta.get(k) for k in ("corpus", "sha256")},
            "layer_types": hybrid.config.layer_types, "query_scale_a": hybrid.config.attn_scale_a,
            "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
            "cache_bytes": {n: {str(L): m.config.cache_bytes(L, dtype=torch.float32) for L in (long, 131072)}
@@ -58,6 +59,7 @@ def write_report(run):
                       if str(run.T) in ppl_t else None,
                       f"niah_at_{long}": {n: e["niah"].get(str(long)) for n, e in evals.items()}}
     rep["eval_seconds"] = time.perf_counter() - t0
+    rep["wall_seconds"] = time.perf_counter() - run.started  # this invocation: the whole pipeline unless resumed
     (d / "report.json").write_text(json.dumps(rep, indent=1, default=str))
     _figures(rep, c, run.T, d, plt)
     (d / "report.md").write_text(_markdown(rep, c, run.T))
@@ -99,6 +101,8 @@ def _markdown(rep, c, T):
     e, q = rep["eval"], rep["quality"]
     lines = [f"# HALO run ({c.preset or 'custom'} preset)", "",
              f"Device: {rep['device']}; torch {rep['torch']}. Teacher: {c.teacher}; training length T = {T}.",
+             f"Corpus: {rep['corpus']['corpus']} (sha256 {rep['corpus']['sha256']}). "
+             f"Wall time of the command that wrote this report: {rep['wall_seconds']:.0f} s.",
              f"HypeNet layers: {' '.join('A' if t == 'attention' else 'L' for t in rep['layer_types'])} "
              f"(A attention, NoPE; L Lightning, RoPE); HyPE query scale a = {rep['query_scale_a']}.", "",
              "| context length | " + " | ".join(str(L) for L in c.eval_lengths) + " |",

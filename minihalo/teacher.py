@@ -7,7 +7,7 @@ laptop, minihalo pretrains its own tiny one in minutes:
     model, report = train_toy_teacher("cpu", steps=3000)  # about 15 minutes on 2 CPU cores: retrieves
     model, report = train_toy_teacher("gpu")              # about 2 minutes on one GPU, a longer context
 
-Its data: the offline English corpus (minihalo.data.english_corpus), packed into sequences of
+Its data: the frozen English snapshot (minihalo.data.english_corpus), packed into sequences of
 `seq_len` bytes, with a share of the rows replaced by *retrieval documents* (a needle-in-a-haystack
 prompt: natural-text haystack, needles at random depths, then the questions and their answers) and,
 in the CPU preset, *copy documents* (tasks.copy_rows). Retrieval is learned in a sudden jump after a

@@ -1,12 +1,20 @@
-"""Data: the byte tokenizer round-trips, the split is by document, packing never leaves its split."""
+"""Data: the byte tokenizer round-trips, the split is by document, packing never leaves its split, the English
+text is the frozen snapshot, prepared folders are cached by content."""
+import hashlib
 import json
+import lzma
 
 import numpy as np
 import pytest
 import torch
 
-from minihalo.data import (ByteTokenizer, MixedBatches, PackedBatches, TokenFile, prepare, split_documents,
-                           text_files_corpus, tokenizer_by_name)
+from minihalo import data
+from minihalo.data import (ENGLISH_SNAPSHOT, ByteTokenizer, MixedBatches, PackedBatches, TokenFile, corpus_sha256,
+                           load_corpus, prepare, read_snapshot, split_documents, text_files_corpus, tokenizer_by_name,
+                           write_snapshot)
+
+# The sha256 of the English snapshot's documents (data/README.md): change it only with a new snapshot.
+ENGLISH_SHA256 = "603773313becc0e578d915b515be855bf2b031377b2958a88647d0bd5b2a092c"
 
 
 def test_byte_tokenizer_round_trip():
@@ -96,3 +104,32 @@ def test_text_files_corpus(tmp_path):
     assert text_files_corpus(tmp_path) == ["first", "second"]
     with pytest.raises(ValueError):
         text_files_corpus(tmp_path / "missing")
+
+
+def test_english_is_the_frozen_snapshot(monkeypatch):
+    def live(*args, **kwargs):
+        raise AssertionError("the corpus 'english' must not read the running Python's standard library")
+    monkeypatch.setitem(data.CORPORA, "stdlib-english", live)
+    monkeypatch.setattr(data, "stdlib_english_corpus", live)
+    docs = load_corpus("english")
+    assert len(docs) == 2517 and corpus_sha256(docs) == ENGLISH_SHA256
+    assert hashlib.sha256(lzma.decompress(ENGLISH_SNAPSHOT.read_bytes())).hexdigest() == ENGLISH_SHA256
+
+
+def test_snapshot_round_trip_and_prepare_caches_by_content(tmp_path, monkeypatch):
+    docs = ["plain", "quote \" and newline\n", "déjà vu 東京 🙂"] + [f"document {i}" for i in range(17)]
+    sha = write_snapshot(tmp_path / "s.jsonl.xz", docs)
+    assert read_snapshot(tmp_path / "s.jsonl.xz") == docs
+    assert sha == corpus_sha256(docs) == hashlib.sha256(lzma.decompress((tmp_path / "s.jsonl.xz").read_bytes())).hexdigest()
+    monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
+    first = prepare("mine", "byte", docs=docs)
+    assert json.loads((first / "meta.json").read_text())["sha256"] == sha
+    stamp = (first / "train.bin").stat().st_mtime_ns
+    assert prepare("mine", "byte", docs=list(docs)) == first and (first / "train.bin").stat().st_mtime_ns == stamp
+    edited = docs[:-1] + ["document 16, edited"]
+    second = prepare("mine", "byte", docs=edited)  # same name, other text: another folder
+    assert second != first and json.loads((second / "meta.json").read_text())["sha256"] == corpus_sha256(edited)
+    third = prepare("mine", "byte", out_dir=first, docs=edited)  # a given folder holding other text is rewritten
+    assert third == first and json.loads((first / "meta.json").read_text())["sha256"] == corpus_sha256(edited)
+    texts = [ByteTokenizer().decode(d) for split in ("train", "val") for d in TokenFile(first, split).documents()]
+    assert sorted(texts) == sorted(edited)

@@ -71,6 +71,9 @@ def test_cli_runs_end_to_end_and_steps_run_alone(world):
     assert set(rep["eval"]) == {"teacher", "hypenet"} and set(rep["eval"]["hypenet"]["perplexity"]) == {"96", "192"}
     assert set(rep["steps"]) == {"align", "distill", "finetune"}
     assert rep["steps"]["distill"]["tokens"] == 3 * 2 * 96
+    sha = json.loads((Path(world[1]) / "meta.json").read_text())["sha256"]  # of the documents (tests/test_data.py)
+    assert rep["corpus"] == {"corpus": "words", "sha256": sha} and sha in (d / "report.md").read_text()
+    assert rep["wall_seconds"] >= rep["eval_seconds"] + rep["steps"]["distill"]["seconds"] > 0  # resumed: 2nd call
     for f in ("report.md", "perplexity.png", "niah.png", "layer_scores.png", "hybrid/config.json",
               "align/layers.jsonl", "distill/history.jsonl"):
         assert (d / f).is_file(), f
@@ -81,11 +84,12 @@ def test_cli_runs_end_to_end_and_steps_run_alone(world):
 def test_each_training_step_follows_the_method_schedule(finished):
     """docs/method.md §4: AdamW with betas (0.9, 0.95), no weight decay, clipping at 1; steps 1 and 3 decay by
     cosine to a hundredth of their peak, step 4 keeps its small learning rate constant after the warm-up."""
-    for step, lr in (("align", 1e-3), ("distill", 3e-3)):
+    defaults = HaloConfig()
+    for step, lr in (("align", defaults.lr_align), ("distill", defaults.lr_distill)):
         rates = [r["lr"] for r in read_jsonl(finished / step / "history.jsonl")]
         assert rates[-1] == pytest.approx(lr / 100) and rates[0] == pytest.approx(lr), step
     rates = [r["lr"] for r in read_jsonl(finished / "finetune" / "history.jsonl")]
-    assert rates == pytest.approx([3e-5] * 4)
+    assert rates == pytest.approx([defaults.lr_finetune] * 4)
     for ckpt in ("align/ckpt", "distill/ckpt", "finetune/len192/ckpt"):
         state = torch.load(finished / ckpt / "last.pt", weights_only=False)
         group = state["optimizer"]["param_groups"][0]
@@ -216,7 +220,7 @@ def test_a_rerun_with_changed_settings_refuses_until_told_to_redo(world, done, c
     assert "--redo select" in error and "--out" in error
     # a change to an alignment setting invalidates every step built on it, so align is the one to redo
     error = refused(world, done, capsys, "--lr-align", "0.002", "--stages", "report")
-    assert "'align'" in error and "lr_align 0.001 → 0.002" in error and "--redo align" in error
+    assert "'align'" in error and "lr_align 0.003 → 0.002" in error and "--redo align" in error
     # a report about to be recomputed is no obstacle; a step it reads is
     assert "'scale'" in refused(world, done, capsys, "--a-grid", "16", "--stages", "report")
 
@@ -336,7 +340,7 @@ def test_help_explains_every_option_with_each_presets_value(capsys):
         assert len(f.metadata["help"]) > 10, f.name
         if f.name != "preset":
             assert pipeline.option_name(f.name) in text, f.name
-    assert "--steps-align STEPS optimizer steps of step 1 [tiny: 150, small: 500]" in text
+    assert "--steps-align STEPS optimizer steps of step 1 [tiny: 100, small: 500]" in text
     assert "[tiny: 256, small: 256,512]" in text  # lists, as typed
     for name, values in PRESETS.items():
         for key, value in values.items():
