@@ -146,4 +146,6 @@ def _markdown(rep, c, T):
     for n, b in rep["cache_bytes"].items():
         lines.append(f"| {n} | {rep['parameters'][n]:,} | {b[str(4 * T)]['total_bytes'] / 2**10:.1f} KiB | "
                      f"{b['131072']['total_bytes'] / 2**20:.1f} MiB |")
+    lines += ["", "Export as a transformers folder (AutoModelForCausalLM with trust_remote_code, lm-evaluation-harness, "
+              f"the Hub): `python -m minihalo.export {c.out} OUT`"]
     return "\n".join(lines) + "\n"
