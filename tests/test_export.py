@@ -173,8 +173,9 @@ def test_bfloat16_loading(exported):
 
 @pytest.mark.parametrize("changes", [dict(tie_word_embeddings=False, attention_bias=True),
                                      dict(lin_mha=False, qk_norm=False, attn_output_gate=False, attn_scale_a=None),
-                                     dict(attn_rope=True, lin_rope=False, lin_output_norm=False, lin_fp32=True)],
-                         ids=["untied-biases", "shared-kv", "rope-in-attention"])
+                                     dict(attn_rope=True, lin_rope=False, lin_output_norm=False, lin_fp32=True),
+                                     dict(num_heads=6, num_kv_heads=3)],  # decays of a head count not a power of 2
+                         ids=["untied-biases", "shared-kv", "rope-in-attention", "six-heads"])
 def test_other_configurations(tmp_path, changes):
     """Other HybridConfig switches survive the export (loaded in this process: the folder's code all the same)."""
     from dataclasses import replace
