@@ -269,12 +269,18 @@ def swap_layer(teacher, aligned, i):
     return model.eval()
 
 
-def niah_recall(tokenizer, filler, length, num_samples=40, depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed=5):
-    """A recall score: model -> NIAH accuracy at `length` (teacher-forced exact match, natural-text
-    haystack from `filler`, the variant the toy teacher was trained on)."""
+RECALL_TASKS = {  # the needle prompts of a recall score (minihalo.tasks.make_niah_sample's options)
+    "niah": dict(variant="single_2", template="short"),  # what the toy teacher was trained on: "The magic number.."
+    "passkey": dict(variant="single_2", template="passkey", digits=5),  # a 5-digit pass key, for real models
+}
+
+
+def niah_recall(tokenizer, filler, length, num_samples=40, depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed=5, task="niah"):
+    """A recall score: model -> accuracy at `length` on the needle prompts of RECALL_TASKS[task] (teacher-forced
+    exact match, natural-text haystack from `filler`)."""
     per = max(1, num_samples // len(depths))
     return lambda model: float(np.mean([niah_accuracy(model, tokenizer, length, d, per, seed=seed, batch_size=8,
-                                                      variant="single_2", filler=filler) for d in depths]))
+                                                      filler=filler, **RECALL_TASKS[task]) for d in depths]))
 
 
 def lm_score(tokens, length, num_windows=16, seed=7):

@@ -38,9 +38,9 @@ import torch
 
 from minihalo import distributed
 from minihalo.convert import TOKENIZER_FILES
-from minihalo.data import ByteTokenizer, HFTokenizer, PackedBatches, TokenFile, prepare
+from minihalo.data import CORPORA, ByteTokenizer, HFTokenizer, PackedBatches, TokenFile, prepare
 from minihalo.evaluate import heldout_windows, token_nll
-from minihalo.halo import (STEPS, TOY_TEACHER, check_transformer, converted_folder, evenly_spaced_layers, gguf_file,
+from minihalo.halo import (RECALL_TASKS, STEPS, TOY_TEACHER, check_transformer, converted_folder, evenly_spaced_layers, gguf_file,
                            lm_score, load_teacher, niah_recall, num_attention_layers, pick_query_scale,
                            recall_drop_layers, score_swapped_models, select_attention_layers, selection_scores,
                            stage1_align, stage2_distill, stage3_finetune, teacher_folder)
@@ -80,7 +80,10 @@ class HaloConfig:
                              "folder or hub id); default: the teacher's own where it has one (smollm2, a .gguf file, "
                              "a hub id, a folder with tokenizer files), else byte", "align", "run", "NAME")
     data_dir: str = setting(None, "a corpus prepared with minihalo.data.prepare, for training batches and held-out "
-                            "text (default: the English corpus, prepared with --tokenizer)", "align", "run", "FOLDER")
+                            "text (default: --corpus, prepared with the tokenizer)", "align", "run", "FOLDER")
+    corpus: str = setting(None, "without --data-dir, the corpus to prepare: english (default), code or english+code "
+                          "(the prose and source code that ship with Python, offline) or hf:<dataset> (online)",
+                          "align", "run", "NAME")
     stages: tuple = setting(STEPS, "the steps to run (always in pipeline order); the others' results are read from "
                             "the run folder", group="run", unit="STEP,...")
     redo: str = setting(None, "delete the results of this step and every step after it first, then run --stages "
@@ -114,6 +117,9 @@ class HaloConfig:
                              "(Jet-Nemotron's) or even (evenly spaced)", "select", unit="RULE")
     select_samples: int = setting(40, "needle-in-a-haystack prompts per one-layer swap M(i), for its recall score",
                                   "select", unit="PROMPTS")
+    recall: str = setting("niah", "the needle prompts of step 2's recall score, step 5 and the report: niah ('The magic "
+                          "number for <key> is ...', what the toy teacher learned) or passkey (a 5-digit pass key in "
+                          "natural text, for real models)", "select", unit="TASK")
     # step 3
     steps_distill: int = setting(400, "optimizer steps of step 3", "distill", unit="STEPS")
     lr_distill: float = setting(3e-3, "peak learning rate of step 3 (linear warm-up, then cosine down to a "
@@ -244,6 +250,7 @@ def check_config(cfg: HaloConfig):
     _expect(min(c.a_grid) > 1, "a_grid", "bases a > 1 (s_t = log_a(t + a))", c.a_grid)
     _expect(c.finetune_tokens_per_batch >= max(c.finetune_lengths), "finetune_tokens_per_batch",
             f"at least one row of the longest finetune length, {max(c.finetune_lengths)}", c.finetune_tokens_per_batch)
+    _expect(c.recall in RECALL_TASKS, "recall", f"one of {', '.join(RECALL_TASKS)}", c.recall)
     _expect(c.selection in SELECTION_RULES, "selection", f"one of {', '.join(SELECTION_RULES)}", c.selection)
     _expect(c.parallel in distributed.PARALLEL, "parallel", f"one of {', '.join(distributed.PARALLEL)}", c.parallel)
     _expect(c.teacher_parallel in ("replicate", "shard"), "teacher_parallel", "replicate or shard",
@@ -259,6 +266,10 @@ def check_config(cfg: HaloConfig):
     _expect(c.teacher_steps is None or c.teacher == "toy-scratch", "teacher_steps",
             "nothing unless --teacher toy-scratch", c.teacher_steps)
     check_device(c.device)
+    _expect(c.corpus is None or c.corpus.startswith("hf:") or all(p in CORPORA for p in c.corpus.split("+")),
+            "corpus", f"{', '.join(CORPORA)}, names joined by + or hf:<dataset>", c.corpus)
+    _expect(c.corpus is None or c.data_dir is None, "corpus", "no corpus with --data-dir (its corpus is prepared)",
+            c.corpus)
     _expect(c.data_dir is None or (Path(c.data_dir) / "meta.json").is_file(), "data_dir",
             "a folder written by minihalo.data.prepare (with meta.json)", c.data_dir)
     _expect(c.tokenizer in (None, "byte") or Path(c.tokenizer).is_dir() or c.tokenizer.count("/") == 1, "tokenizer",
@@ -346,10 +357,10 @@ def read_teacher_config(teacher):
                           "(minihalo or transformers) or a hub id") from None
 
 
-def shortest_niah_length(tok):
+def shortest_niah_length(tok, template="short"):
     """The shortest sequence that holds a needle, its question and its answer (7 digits) for every key
-    (minihalo.tasks, "short" template): shorter sequences cannot hold the retrieval rows and prompts."""
-    needle, question = TEMPLATES["short"]
+    (minihalo.tasks' `template`): shorter sequences cannot hold the retrieval rows and prompts."""
+    needle, question = TEMPLATES[template]
     value = "1234567"
     return max(len(tok.encode(needle.format(kind="number", key=key, value=value)))
                + len(tok.encode(question.format(kind="number", key=key) + value)) for key in WORDS) + 2
@@ -362,7 +373,7 @@ def check_data(cfg, T, tok, data_dir, vocab_size):
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
     _expect(meta["vocab_size"] <= vocab_size, "tokenizer", f"a vocabulary of at most the teacher's {vocab_size} "
             f"(the corpus {data_dir} has {meta['vocab_size']}); pass the teacher's tokenizer", cfg.tokenizer)
-    shortest = shortest_niah_length(tok)
+    shortest = max(shortest_niah_length(tok), shortest_niah_length(tok, RECALL_TASKS[cfg.recall]["template"]))
     lengths = {"seq_len": [T], "finetune_lengths": cfg.finetune_lengths, "scale_length": [cfg.scale_length],
                "eval_lengths": cfg.eval_lengths}
     for name, values in lengths.items():
@@ -510,7 +521,7 @@ class Run:
         except (OSError, ValueError) as e:
             raise ConfigError("tokenizer", f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
         with distributed.main_first():  # the corpus cache is written once, by rank 0
-            self.data_dir = cfg.data_dir or prepare("english", self.tok)
+            self.data_dir = cfg.data_dir or prepare(cfg.corpus or "english", self.tok)
         self.val = TokenFile(self.data_dir, "val")
         check_data(cfg, self.T, self.tok, self.data_dir, teacher_cfg.vocab_size)
         self.records = check_run_folder(cfg)
@@ -660,7 +671,7 @@ class Run:
             result.update(rule="given", layers=sorted(c.attn_layers))
         else:
             csr_fn = lm_score(self.val, self.T, c.eval_windows * 2)
-            recall_fn = niah_recall(self.tok, self.val.tokens, self.T, c.select_samples)
+            recall_fn = niah_recall(self.tok, self.val.tokens, self.T, c.select_samples, task=c.recall)
             scores = score_swapped_models(self.teacher, self.need("align"), csr_fn, recall_fn, c.progress)
             result.update(scores, halo_scores=selection_scores(scores["csr"], scores["recall"]),
                           halo=select_attention_layers(scores["csr"], scores["recall"], k),
@@ -711,7 +722,7 @@ class Run:
         model = (self.saved("finetune") or self.need("distill")).eval()
         docs = self.long_documents(c.scale_length, c.eval_windows)
         loss = lambda m: token_nll(m, docs, batch_size=2).mean().item()  # noqa: E731
-        recall = niah_recall(self.tok, self.val.tokens, c.scale_length, c.eval_samples * 2, seed=13)
+        recall = niah_recall(self.tok, self.val.tokens, c.scale_length, c.eval_samples * 2, seed=13, task=c.recall)
         t0 = time.perf_counter()
         a, table = pick_query_scale(model, loss, c.a_grid, recall)
         (self.dir / "scale.json").write_text(json.dumps(

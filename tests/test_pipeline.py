@@ -168,7 +168,7 @@ BAD_SETTINGS = dict(
     steps_distill=-5, lr_distill=float("inf"), batch_distill=2.5, seq_len=-1, chunk_rows=0, retrieval_share=1.1,
     copy_share=-0.1, finetune_lengths=[], steps_finetune=0, lr_finetune=0.0, finetune_tokens_per_batch=10,
     warmup_steps=-1, a_grid=[0.5], scale_length=0, eval_lengths=[0], eval_samples=0, eval_windows=0, preset="huge",
-    parallel="zero", teacher_parallel="split", max_minutes=0,
+    parallel="zero", teacher_parallel="split", max_minutes=0, recall="needle", corpus="books",
 )
 
 

@@ -9,11 +9,14 @@ import torch
 
 from minihalo import pipeline
 from minihalo.convert import from_hf, to_hypenet
-from minihalo.data import TokenFile, long_heldout_documents, prepare, write_generated_corpus
-from minihalo.halo import convert_gguf, converted_folder, gguf_file, load_teacher, save_transformers_folder
+from minihalo.export import load_for_export
+from minihalo.data import (ByteTokenizer, HFTokenizer, TokenFile, long_heldout_documents, prepare,
+                           write_generated_corpus)
+from minihalo.halo import (RECALL_TASKS, convert_gguf, converted_folder, gguf_file, load_teacher, niah_recall,
+                           save_transformers_folder)
 from minihalo.model import HybridLM
 from minihalo.pipeline import ConfigError, HaloConfig, main
-from minihalo.tasks import WORDS
+from minihalo.tasks import WORDS, make_niah_sample
 from minihalo.train import OutOfTime, TrainConfig, train
 from test_halo import batches, make_teacher
 from test_pipeline import tiny_args
@@ -81,6 +84,7 @@ def test_a_tiny_qwen3_goes_through_the_whole_command_line(qwen3_world, qwen3_fin
     for i, layer in enumerate(hybrid.layers):
         got, want = qk_norms(layer.mixer), teacher_norms[i]
         assert (got - want).norm() < 0.05 * (torch.ones_like(want) - want).norm(), (i, types[i])
+    assert load_for_export(d)[1] == "byte"  # the tokenizer the run used (unset: the teacher has none, so bytes)
 
 
 def test_the_tokenizer_defaults_to_the_teachers_own(qwen3_world, tmp_path):
@@ -113,11 +117,17 @@ def test_a_missing_gguf_file_is_refused_in_one_line(tmp_path):
     assert gguf_file("toy") is None and gguf_file(str(tmp_path / "a.gguf")) == tmp_path / "a.gguf"
 
 
-def test_smollm2_by_name_converted_once_with_transformers_logits(smollm2, tmp_path):
-    hf, tok = smollm2  # transformers' load of the GGUF file, as convert_gguf loads it
-    gguf = gguf_file("smollm2")
+@pytest.fixture(scope="module")
+def smollm2_folder(smollm2, tmp_path_factory):
+    """SmolLM2 as convert_gguf writes it (from transformers' load of the GGUF file, as convert_gguf loads it)."""
+    hf, tok = smollm2
+    return save_transformers_folder(hf, tok, tmp_path_factory.mktemp("smollm2") / "smollm2")
+
+
+def test_smollm2_by_name_converted_once_with_transformers_logits(smollm2, smollm2_folder):
+    hf, tok = smollm2
+    gguf, folder = gguf_file("smollm2"), smollm2_folder
     assert converted_folder(gguf).name.startswith("SmolLM2-135M-Instruct.Q4_1-")
-    folder = save_transformers_folder(hf, tok, tmp_path / "smollm2")
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert convert_gguf(gguf, folder) == folder  # a finished conversion is reused, not redone
     model = from_hf(str(folder))  # the fp32 folder holds the GGUF's de-quantized weights, bit for bit
@@ -244,3 +254,30 @@ def test_the_teacher_writes_a_training_corpus_with_the_held_out_split_untouched(
     again = write_generated_corpus(model, folder, tmp_path / "s2", 5, 6, 9, 2, temperature=1.0, seed=3,
                                    progress=False)
     assert (again / "train.bin").read_bytes() == (sampled / "train.bin").read_bytes()  # seeded
+
+
+# ------------------------------------------------------------------------------------------------
+# Recall for a real model: passkey retrieval in natural text
+# ------------------------------------------------------------------------------------------------
+def test_a_passkey_prompt_hides_the_key_in_natural_text(lettered):
+    folder, _ = lettered
+    tok = ByteTokenizer()
+    s = make_niah_sample(tok, 300, 0.5, seed=4, filler=TokenFile(folder, "val"), **RECALL_TASKS["passkey"])
+    text = tok.decode(s.input_ids)
+    assert len(s.input_ids) == 300 and len(s.answer) == 5 and s.answer.isdigit()
+    needle = f" The pass key is {s.answer}. Remember it. {s.answer} is the pass key. "
+    assert text[s.needle_start:s.needle_start + len(needle)] == needle
+    assert text.endswith("\nWhat is the pass key? The pass key is ") and tok.decode(s.answer_ids) == s.answer
+
+
+def test_smollm2_finds_a_passkey_in_english_text(smollm2, smollm2_folder, tmp_path):
+    """The teacher must score high at the length where selection measures recall; it does at 256 tokens
+    (95% of 20 prompts, measured on a 2-core CPU; here the 5 prompts, one per depth, that take ~4 s)."""
+    hf, _ = smollm2
+    folder = smollm2_folder
+    import pydoc_data.topics
+    docs = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)][:80]
+    data = prepare("topics", HFTokenizer(folder), out_dir=tmp_path / "data", docs=docs, val_fraction=0.25)
+    model = from_hf(hf).eval()
+    score = niah_recall(HFTokenizer(folder), TokenFile(data, "val").tokens, 256, 5, task="passkey")
+    assert score(model) >= 0.8
