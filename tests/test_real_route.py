@@ -1,7 +1,6 @@
 """The route for real pretrained teachers: a teacher by name (smollm2, a GGUF file, a transformers folder) converted
 once and loaded with its own tokenizer; a tiny random Qwen3 (q/k norms, GQA) through the whole command line."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +15,10 @@ from minihalo.halo import (RECALL_TASKS, convert_gguf, converted_folder, gguf_fi
                            save_transformers_folder)
 from minihalo.model import HybridLM
 from minihalo.pipeline import ConfigError, HaloConfig, main
-from minihalo.tasks import WORDS, make_niah_sample
+from minihalo.tasks import make_niah_sample
 from minihalo.train import OutOfTime, TrainConfig, train
 from test_halo import batches, make_teacher
-from test_pipeline import tiny_args
+from test_pipeline import tiny_args, word_corpus
 
 
 def tiny_qwen3(folder, seed=0):
@@ -41,13 +40,9 @@ def tiny_qwen3(folder, seed=0):
 
 @pytest.fixture(scope="module")
 def qwen3_world(tmp_path_factory):
-    """test_pipeline's world (a corpus of word documents) with a tiny random Qwen3 folder as its teacher."""
+    """test_pipeline's world (a corpus of word documents, a teacher folder) with a tiny random Qwen3 as the teacher."""
     root = tmp_path_factory.mktemp("qwen3")
-    rng = np.random.default_rng(0)
-    docs = [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), 120)) + "." for _ in range(160)]
-    data = prepare("words", "byte", out_dir=root / "data", docs=docs)
-    hf = tiny_qwen3(root / "teacher")
-    return (root, data), hf
+    return (root, word_corpus(root / "data")), tiny_qwen3(root / "teacher")
 
 
 def qk_norms(mixer):
@@ -152,7 +147,8 @@ def test_a_time_budget_stops_at_a_checkpoint_and_the_same_command_continues(qwen
         except SystemExit as stop:
             assert stop.code == 75
             messages.append(capsys.readouterr().err.strip())
-    assert messages[0] == "the time budget of 1e-06 minutes is spent; run the same command to resume from step 1 of align"
+    assert messages[0] == "the time budget of 1e-06 minutes is spent; run the same command to resume from step 1 " \
+                          "of align"
     wheres = [m.split(" to resume from ")[1] for m in messages]  # one optimizer step or one other step per command
     assert wheres == ["step 1 of align", "step 2 of align", "the start of select", "the start of distill",
                       "step 1 of distill", "step 2 of distill", "the start of finetune (length 192)", "step 1 of "
