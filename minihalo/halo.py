@@ -13,7 +13,8 @@ The steps (docs/method.md §4; the paper calls steps 1, 3, 4 its stages 1, 2, 3)
 
 Every training step goes through minihalo.train.train (exact resume from a checkpoint, NaN guard, tqdm bar).
 At toy scale the paper's benchmarks are at chance, so layer selection uses proxies (docs/method.md §4
-step 2): recall = needle-in-a-haystack accuracy, commonsense = exp(-held-out NLL).
+step 2): recall = needle-in-a-haystack accuracy (RECALL_TASKS: the toy's "magic number" prompts, or a pass key
+in natural text for real models), commonsense = exp(-held-out NLL).
 
 The whole pipeline into a run folder, with its report, is minihalo.pipeline (`HaloConfig`, `run`), also on the
 command line:

@@ -40,10 +40,10 @@ from minihalo import distributed
 from minihalo.convert import TOKENIZER_FILES
 from minihalo.data import CORPORA, ByteTokenizer, HFTokenizer, PackedBatches, TokenFile, prepare
 from minihalo.evaluate import heldout_windows, token_nll
-from minihalo.halo import (RECALL_TASKS, STEPS, TOY_TEACHER, check_transformer, converted_folder, evenly_spaced_layers, gguf_file,
-                           lm_score, load_teacher, niah_recall, num_attention_layers, pick_query_scale,
-                           recall_drop_layers, score_swapped_models, select_attention_layers, selection_scores,
-                           stage1_align, stage2_distill, stage3_finetune, teacher_folder)
+from minihalo.halo import (RECALL_TASKS, STEPS, TOY_TEACHER, check_transformer, converted_folder,
+                           evenly_spaced_layers, gguf_file, lm_score, load_teacher, niah_recall, num_attention_layers,
+                           pick_query_scale, recall_drop_layers, score_swapped_models, select_attention_layers,
+                           selection_scores, stage1_align, stage2_distill, stage3_finetune, teacher_folder)
 from minihalo.model import HybridConfig, HybridLM
 from minihalo.report import write_report
 from minihalo.tasks import TEMPLATES, WORDS, niah_training_rows
@@ -117,9 +117,9 @@ class HaloConfig:
                              "(Jet-Nemotron's) or even (evenly spaced)", "select", unit="RULE")
     select_samples: int = setting(40, "needle-in-a-haystack prompts per one-layer swap M(i), for its recall score",
                                   "select", unit="PROMPTS")
-    recall: str = setting("niah", "the needle prompts of step 2's recall score, step 5 and the report: niah ('The magic "
-                          "number for <key> is ...', what the toy teacher learned) or passkey (a 5-digit pass key in "
-                          "natural text, for real models)", "select", unit="TASK")
+    recall: str = setting("niah", "the needle prompts of step 2's recall score, step 5 and the report: niah ('The "
+                          "magic number for <key> is ...', what the toy teacher learned) or passkey (a 5-digit pass "
+                          "key in natural text, for real models)", "select", unit="TASK")
     # step 3
     steps_distill: int = setting(400, "optimizer steps of step 3", "distill", unit="STEPS")
     lr_distill: float = setting(3e-3, "peak learning rate of step 3 (linear warm-up, then cosine down to a "
