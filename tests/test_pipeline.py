@@ -25,13 +25,18 @@ from test_halo import make_teacher
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def word_corpus(folder):
+    """A small byte-level corpus of word documents, prepared in `folder`."""
+    rng = np.random.default_rng(0)
+    docs = [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), 120)) + "." for _ in range(160)]
+    return prepare("words", "byte", out_dir=folder, docs=docs)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A random byte-level teacher (4 layers, T = 96) and a small corpus of word documents."""
     root = tmp_path_factory.mktemp("halo")
-    rng = np.random.default_rng(0)
-    docs = [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), 120)) + "." for _ in range(160)]
-    data = prepare("words", "byte", out_dir=root / "data", docs=docs)
+    data = word_corpus(root / "data")
     make_teacher(vocab=256, layers=4, seq_len=96).save_pretrained(str(root / "teacher"))
     return root, data
 
@@ -172,7 +177,7 @@ BAD_SETTINGS = dict(
     steps_distill=-5, lr_distill=float("inf"), batch_distill=2.5, seq_len=-1, chunk_rows=0, retrieval_share=1.1,
     copy_share=-0.1, finetune_lengths=[], steps_finetune=0, lr_finetune=0.0, finetune_tokens_per_batch=10,
     warmup_steps=-1, a_grid=[0.5], scale_length=0, eval_lengths=[0], eval_samples=0, eval_windows=0, preset="huge",
-    parallel="zero", teacher_parallel="split",
+    parallel="zero", teacher_parallel="split", max_minutes=0, recall="needle", corpus="books",
 )
 
 
