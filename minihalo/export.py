@@ -213,8 +213,8 @@ def load_for_export(path):
     HybridLM.save_pretrained folder."""
     path = Path(path)
     if (path / "hybrid" / "config.json").is_file():
-        from minihalo.halo import teacher_folder
-        from minihalo.pipeline import HaloConfig, tokenizer_name
+        from minihalo.convert import teacher_folder
+        from minihalo.settings import HaloConfig, tokenizer_name
         saved = json.loads((path / "config.json").read_text())
         cfg = HaloConfig(teacher=saved["teacher"], tokenizer=saved.get("tokenizer"))  # None: the teacher's own
         tok = tokenizer_name(cfg, None if cfg.tokenizer else teacher_folder(cfg.teacher))

