@@ -347,10 +347,12 @@ def pick_query_scale(model, loss_fn, grid, niah_fn=None):
 
 def __getattr__(name):
     """The pipeline's names (HaloConfig, run, ...) stay reachable as minihalo.halo.<name>; they live in
-    minihalo.pipeline, which imports this module."""
-    from minihalo import pipeline
-    if name in pipeline.__all__:
-        return getattr(pipeline, name)
+    minihalo.pipeline, which imports this module. Dunder names (the import system asks for `__path__`) are not
+    forwarded: importing the pipeline then would be circular while minihalo.settings imports this module."""
+    if not name.startswith("__"):
+        from minihalo import pipeline
+        if name in pipeline.__all__:
+            return getattr(pipeline, name)
     raise AttributeError(f"module 'minihalo.halo' has no attribute {name!r}")
 
 

@@ -18,13 +18,31 @@ DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def evaluate_lengths(model, run):
-    """Held-out perplexity and a NIAH grid (lengths x DEPTHS) at cfg.eval_lengths."""
+    """Held-out perplexity and a NIAH grid (lengths x DEPTHS) at cfg.eval_lengths; on a GPU under bf16 autocast
+    (as the model trained), so that a Transformer's attention at 64K tokens takes seconds, not minutes."""
     c = run.cfg
-    ppl = perplexity_by_length(model, run.val, c.eval_lengths, num_windows=c.eval_windows, batch_size=2)
-    grid = niah_grid(model, run.tok, c.eval_lengths, list(DEPTHS), c.eval_samples, seed=3, batch_size=4,
-                     progress=c.progress, filler=run.val.tokens, **RECALL_TASKS[c.recall])
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+        ppl = perplexity_by_length(model, run.val, c.eval_lengths, num_windows=c.eval_windows, batch_size=2)
+        grid = niah_grid(model, run.tok, c.eval_lengths, list(DEPTHS), c.eval_samples, seed=3, batch_size=4,
+                         progress=c.progress, filler=run.val.tokens, **RECALL_TASKS[c.recall])
     return {"perplexity": {str(k): v for k, v in ppl.items()}, "niah_grid": grid.tolist(),
             "niah": {str(L): float(np.mean(row)) for L, row in zip(c.eval_lengths, grid)}}
+
+
+def generations(models, run, num_prompts=3, prompt_tokens=24, new_tokens=40):
+    """Greedy continuations, side by side, of the first `prompt_tokens` tokens of held-out documents (all
+    `new_tokens` of them: no stop at an end-of-text token; eager steps, no graph to compile for a few tokens):
+    [{"prompt": text, <model name>: text, ...}]."""
+    docs = [d[:prompt_tokens] for d in run.val.documents(min_tokens=prompt_tokens)][:num_prompts]
+    rows = []
+    for doc in docs:
+        ids = torch.as_tensor(np.asarray(doc, dtype=np.int64), device=run.device)[None]  # (1, P)
+        row = {"prompt": run.tok.decode(doc)}
+        for name, m in models.items():
+            out = m.generate(ids, max_new_tokens=new_tokens, eos_token_id=-1, cuda_graph=False)  # (1, P + N)
+            row[name] = run.tok.decode(out[0, prompt_tokens:].tolist())
+        rows.append(row)
+    return rows
 
 
 def write_report(run):
@@ -40,10 +58,12 @@ def write_report(run):
     models = {"teacher": run.teacher.eval(), "hypenet": hybrid.eval()}
     t0 = time.perf_counter()
     evals = {name: evaluate_lengths(m, run) for name, m in models.items()}
+    samples = generations(models, run)
     long = 4 * run.T
     rep = {"device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else
            f"CPU, {torch.get_num_threads()} thread(s)", "torch": torch.__version__,
            "python": platform.python_version(), "train_length": run.T, "config": asdict(c), "eval": evals,
+           "eval_dtype": "bfloat16 autocast" if run.device.type == "cuda" else "float32", "generations": samples,
            "corpus": {k: run.val.meta.get(k) for k in ("corpus", "sha256")},
            "layer_types": hybrid.config.layer_types, "query_scale_a": hybrid.config.attn_scale_a,
            "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
@@ -138,6 +158,9 @@ def _markdown(rep, c, T):
         lines += [f"| {r['a']} | {r['loss']:.4f} | {100 * r.get('niah', float('nan')):.0f} |"
                   for r in rep["scale"]["table"]]
         lines.append("")
+    lines += ["## Greedy continuations of held-out text", ""]
+    for g in rep["generations"]:
+        lines += ["```text"] + [f"{n + ':':9}{g[n]!r}" for n in ["prompt", *rep["eval"]]] + ["```", ""]
     lines += ["## Cost", "", "| step | tokens | seconds | tokens/s | final loss |", "|---|---|---|---|---|"]
     lines += [f"| {s} | {v['tokens']:,} | {v['seconds']:.1f} | {v['tokens_per_s']:.0f} | {v['final_loss']:.4f} |"
               for s, v in rep["steps"].items()]

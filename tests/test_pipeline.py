@@ -345,8 +345,8 @@ def test_help_explains_every_option_with_each_presets_value(capsys):
         assert len(f.metadata["help"]) > 10, f.name
         if f.name != "preset":
             assert pipeline.option_name(f.name) in text, f.name
-    assert "--steps-align STEPS optimizer steps of step 1 [tiny: 100, small: 500]" in text
-    assert "[tiny: 256, small: 256,512]" in text  # lists, as typed
+    assert "--steps-align STEPS optimizer steps of step 1 [tiny: 100, small: 500, smollm2: 200]" in text
+    assert "[tiny: 256, small: 256,512, smollm2: 16384]" in text  # lists, as typed
     for name, values in PRESETS.items():
         for key, value in values.items():
             assert f"{name}: {pipeline.format_value(value)}" in text, (name, key)
@@ -361,3 +361,10 @@ def test_demo_help_explains_itself(capsys):
     for words in ("tiny preset", "runs/demo", "the same command resumes", "--out FOLDER", "--teacher NAME",
                   "--device DEVICE", "--no-progress"):
         assert words in text, words
+
+
+@pytest.mark.parametrize("module", ["settings", "pipeline", "halo", "report"])
+def test_each_module_imports_first(module):
+    """A fresh interpreter imports each of the pipeline's modules on its own (the import system asks
+    minihalo.halo for `__path__`, which its name forwarding must not answer by importing the pipeline)."""
+    subprocess.run([sys.executable, "-c", f"from minihalo import {module}"], check=True, timeout=120)
