@@ -5,6 +5,8 @@ vocabulary 151936, tied embeddings), random weights, bf16, batch 1:
   - "hf": transformers' Qwen3ForCausalLM (SDPA attention), the external baseline;
   - "transformer": the minihalo Transformer with the same weights (`from_hf`);
   - "hypenet": the HypeNet-2B shape, `to_hypenet(transformer, [2, 3, 6, 8, 9, 21, 25])` (7 attention layers).
+`--shape smollm2-135m` times SmolLM2-135M's shape instead (transformers' Llama: 30 layers, d = 576, 9 heads / 3 KV
+heads, head dim 64, vocabulary 49152), its HypeNet with 7 evenly spaced attention layers or `--attn-layers`.
 At each context length (4K ... 512K, 1M for the HypeNet) it times
   - prefill: the prompt into a cache, last-position logits only (minihalo: its static cache, one pass or
     --prefill-chunk tokens at a time; transformers: one pass into its DynamicCache);
@@ -37,8 +39,13 @@ from minihalo.ops import rel_err
 KB = 1024
 CONTEXTS = [4 * KB, 16 * KB, 32 * KB, 64 * KB, 128 * KB, 256 * KB, 512 * KB, 1024 * KB]
 QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=128)
-HYPENET_ATTN_LAYERS = [2, 3, 6, 8, 9, 21, 25]
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6)
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=1e5, rms_norm_eps=1e-5)
+HYPENET_ATTN_LAYERS = [2, 3, 6, 8, 9, 21, 25]  # the paper's HypeNet-2B
+# --shape: (transformers config class, shape, the HypeNet's attention layers)
+SHAPES = {"qwen3-1.7b": ("Qwen3Config", QWEN3_1_7B, HYPENET_ATTN_LAYERS),
+          "smollm2-135m": ("LlamaConfig", SMOLLM2_135M, [3, 7, 11, 16, 20, 24, 29])}  # evenly spaced, 7 of 30
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16)
 N_DECODE = 32  # timed steps
@@ -51,13 +58,13 @@ def sync():
         torch.cuda.synchronize()
 
 
-def build_models(shape, attn_layers, device, dtype):
-    from transformers import AutoModelForCausalLM, Qwen3Config
-    cfg = Qwen3Config(**shape, rope_theta=1e6, tie_word_embeddings=True, max_position_embeddings=2 * 1024 * KB,
-                      rms_norm_eps=1e-6)
+def build_models(config_class, shape, attn_layers, device, dtype):
+    import transformers
+    cfg = getattr(transformers, config_class)(**shape, tie_word_embeddings=True,
+                                              max_position_embeddings=2 * 1024 * KB)
     torch.manual_seed(0)
     with torch.device(device):
-        hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
         transformer = mh.from_hf(hf).eval()
         hypenet = mh.to_hypenet(transformer, attn_layers, attn_scale_a=500.0).eval()
     return {"hypenet": hypenet, "transformer": transformer, "hf": hf}
@@ -392,7 +399,12 @@ def main(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=0, help="minihalo prefill chunk in tokens (0 = one pass)")
     p.add_argument("--models", default=",".join(NAMES), help=f"comma-separated subset of {NAMES}")
     p.add_argument("--no-compile", action="store_true", help="decode graphs of uncompiled steps (no kernel fusion)")
-    p.add_argument("--smoke", action="store_true", help="a tiny model and short contexts: checks the flow (CPU too)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-1.7b",
+                   help="the models' shape: Qwen3-1.7B (and the paper's HypeNet-2B) or SmolLM2-135M (a Llama)")
+    p.add_argument("--attn-layers", default=None,
+                   help="comma-separated attention layers of the HypeNet (default: the shape's own, see SHAPES)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny model of --shape's architecture and short contexts: checks the flow (CPU too)")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -401,7 +413,11 @@ def main(argv=None):
                 "on a CPU, --smoke checks the whole flow on a tiny model in a minute")
     graphs = device == "cuda"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    shape, attn_layers = (TINY, [1]) if args.smoke else (QWEN3_1_7B, HYPENET_ATTN_LAYERS)
+    config_class, shape, attn_layers = SHAPES[args.shape]
+    if args.smoke:
+        shape, attn_layers = TINY, [1]
+    if args.attn_layers:
+        attn_layers = [int(i) for i in args.attn_layers.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else \
         ([256, 1024] if args.smoke else CONTEXTS)
     chunk = (384 if args.smoke else None) if args.prefill_chunk == 0 else args.prefill_chunk
@@ -410,7 +426,7 @@ def main(argv=None):
     import transformers
     results = {"device": torch.cuda.get_device_name() if graphs else "cpu", "torch": torch.__version__,
                "transformers": transformers.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": 1,
-               "shape": shape, "hypenet_attention_layers": attn_layers, "prefill_chunk": chunk, "kv_block": KV_BLOCK,
+               "shape_name": args.shape, "shape": shape, "hypenet_attention_layers": attn_layers, "prefill_chunk": chunk, "kv_block": KV_BLOCK,
                "decode_steps_timed": N_DECODE, "decode_compiled": not args.no_compile, "rows": [], "skipped": []}
     if graphs:
         import triton
@@ -423,7 +439,7 @@ def main(argv=None):
     ceilings = measure_ceilings() if graphs else None
     results["ceilings"] = ceilings
     print("ceilings:", ceilings)
-    models = build_models(shape, attn_layers, device, dtype)
+    models = build_models(config_class, shape, attn_layers, device, dtype)
     results["params"] = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     weight_bytes = {n: sum(p.numel() * p.element_size() for p in m.parameters()) for n, m in models.items()}
     print("params:", results["params"], f"({time.perf_counter() - t_start:.0f} s)")
