@@ -322,7 +322,7 @@ class Run:
         model, hist, _ = stage1_align(self.teacher, self.batches(self.T, c.batch_align),
                                       self.train_cfg("align", c.steps_align, c.lr_align),
                                       log_path=self.dir / "align" / "layers.jsonl" if distributed.is_main() else None,
-                                      shard_teacher=c.teacher_parallel == "shard")
+                                      shard_teacher=c.teacher_parallel == "shard", lin_rope=c.lin_rope)
         return self.finish("align", model, hist, c.steps_align * c.batch_align * self.T)
 
     def select(self):
@@ -357,7 +357,8 @@ class Run:
         model, hist = stage2_distill(self.teacher, self.need("align"), self.layers(),
                                      self.batches(self.T, c.batch_distill),
                                      self.train_cfg("distill", c.steps_distill, c.lr_distill), c.chunk_rows,
-                                     shard_teacher=c.teacher_parallel == "shard")
+                                     shard_teacher=c.teacher_parallel == "shard", lin_rope=c.lin_rope,
+                                     attn_rope=c.attn_rope)
         return self.finish("distill", model, hist, c.steps_distill * c.batch_distill * self.T)
 
     def finetune(self):
@@ -464,7 +465,9 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def option_name(name):
-    return {"progress": "--no-progress"}.get(name, "--" + name.replace("_", "-"))
+    """The command line's option for HaloConfig field `name`: --no-NAME for a switch that is on by default."""
+    on = next((f.default is True for f in fields(HaloConfig) if f.name == name), False)
+    return ("--no-" if on else "--") + name.replace("_", "-")
 
 
 def preset_values(f):

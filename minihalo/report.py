@@ -66,6 +66,8 @@ def write_report(run):
            "eval_dtype": "bfloat16 autocast" if run.device.type == "cuda" else "float32", "generations": samples,
            "corpus": {k: run.val.meta.get(k) for k in ("corpus", "sha256")},
            "layer_types": hybrid.config.layer_types, "query_scale_a": hybrid.config.attn_scale_a,
+           "rope": {"attention": "RoPE" if hybrid.config.attn_rope else "NoPE",
+                    "lightning": "RoPE" if hybrid.config.lin_rope else "NoPE"},
            "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
            "cache_bytes": {n: {str(L): m.config.cache_bytes(L, dtype=torch.float32) for L in (long, 131072)}
                            for n, m in models.items()},
@@ -124,7 +126,8 @@ def _markdown(rep, c, T):
              f"Corpus: {rep['corpus']['corpus']} (sha256 {rep['corpus']['sha256']}). "
              f"Wall time of the command that wrote this report: {rep['wall_seconds']:.0f} s.",
              f"HypeNet layers: {' '.join('A' if t == 'attention' else 'L' for t in rep['layer_types'])} "
-             f"(A attention, NoPE; L Lightning, RoPE); HyPE query scale a = {rep['query_scale_a']}.", "",
+             f"(A attention, {rep['rope']['attention']}; L Lightning, {rep['rope']['lightning']}); HyPE query scale "
+             f"a = {rep['query_scale_a']}.", "",
              "| context length | " + " | ".join(str(L) for L in c.eval_lengths) + " |",
              "|---|" + "---|" * len(c.eval_lengths)]
     for name in e:

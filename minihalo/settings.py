@@ -75,6 +75,7 @@ class HaloConfig:
                               "align", unit="LR")
     batch_align: int = setting(16, "sequences of --seq-len tokens per optimizer step of step 1", "align",
                                unit="ROWS")
+    lin_rope: bool = setting(True, "use RoPE in the RNN (Lightning) layers, as HyPE does (off: an ablation)", "align")
     # step 2
     k: int = setting(None, "attention layers to keep (default: floor(L/4) of the teacher's L layers)", "select",
                      unit="LAYERS")
@@ -103,6 +104,8 @@ class HaloConfig:
                                      "3, 4 (byte tokenizer only)", "align", "training", "SHARE")
     copy_share: float = setting(0.0, "share of copy documents (a random string, repeated) among the training rows "
                                 "(byte tokenizer only)", "align", "training", "SHARE")
+    attn_rope: bool = setting(False, "use RoPE in the attention layers kept (HyPE keeps them NoPE; on: an ablation)",
+                              "distill")
     # step 4
     finetune_lengths: list = setting([256], "context lengths of step 4, trained one after the other", "finetune",
                                      unit="TOKENS,...", items=int)

@@ -16,6 +16,7 @@ import torch
 
 from minihalo.data import prepare
 from minihalo.halo import STEPS
+from minihalo.model import HybridLM
 from minihalo import pipeline
 from minihalo.pipeline import PRESETS, ConfigError, HaloConfig, Interrupted, main, read_jsonl, run
 from minihalo.tasks import WORDS
@@ -173,7 +174,8 @@ def test_the_command_line_error_is_one_line_without_a_traceback(world, tmp_path)
 BAD_SETTINGS = dict(
     out=__file__, teacher="/no/such/teacher", teacher_steps=0, tokenizer="", data_dir="/no/such/data",
     stages=("align", "distil"), redo="distil", device="cuda:99", seed=2 ** 32, progress="yes", steps_align=0,
-    lr_align=-1e-3, batch_align=0, k=5, attn_ratio=-0.1, attn_layers=[0, 9], selection="best", select_samples=0,
+    lin_rope=1, attn_rope="no", lr_align=-1e-3, batch_align=0, k=5, attn_ratio=-0.1, attn_layers=[0, 9],
+    selection="best", select_samples=0,
     steps_distill=-5, lr_distill=float("inf"), batch_distill=2.5, seq_len=-1, chunk_rows=0, retrieval_share=1.1,
     copy_share=-0.1, finetune_lengths=[], steps_finetune=0, lr_finetune=0.0, finetune_tokens_per_batch=10,
     warmup_steps=-1, a_grid=[0.5], scale_length=0, eval_lengths=[0], eval_samples=0, eval_windows=0, preset="huge",
@@ -240,6 +242,26 @@ def test_a_rerun_with_changed_settings_refuses_until_told_to_redo(world, done, c
     rep = json.loads((done / "report.json").read_text())
     assert rep["config"] == config() | {"stages": rep["config"]["stages"]}  # the report says what config.json says
     assert config()["k"] == 3 and rep["layer_types"].count("attention") == 3
+
+
+def test_the_rope_ablations_reach_the_layers_they_name(world, done, capsys):
+    """--no-lin-rope builds step 1's RNNs without RoPE (so step 1 and everything after it is redone); --attn-rope
+    gives the attention layers kept in step 3 RoPE (step 1 stays); the report says which layers rotate."""
+    error = refused(world, done, capsys, "--attn-rope", "--stages", "distill")
+    assert "'distill'" in error and "attn_rope False → True" in error and "--redo distill" in error
+    main(tiny_args(world, done, "--attn-rope", "--redo", "distill"))
+    rep = json.loads((done / "report.json").read_text())
+    assert rep["rope"] == {"attention": "RoPE", "lightning": "RoPE"}
+    model = HybridLM.from_pretrained(str(done / "hybrid"))
+    assert model.config.attn_rope and model.config.lin_rope
+    assert "A attention, RoPE; L Lightning, RoPE" in (done / "report.md").read_text()
+    assert "'align'" in refused(world, done, capsys, "--attn-rope", "--no-lin-rope", "--stages", "align")
+    main(tiny_args(world, done, "--attn-rope", "--no-lin-rope", "--stages", "align,select,distill,report",
+                   "--redo", "align"))
+    aligned = HybridLM.from_pretrained(str(done / "align" / "model"))
+    assert not aligned.config.lin_rope and set(aligned.config.layer_types) == {"lightning"}
+    rep = json.loads((done / "report.json").read_text())
+    assert rep["rope"] == {"attention": "RoPE", "lightning": "NoPE"} and rep["query_scale_a"] is None
 
 
 def test_settings_that_cannot_change_results_never_refuse(world, done, capsys):
