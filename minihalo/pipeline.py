@@ -388,7 +388,8 @@ class Run:
         loss = lambda m: token_nll(m, docs, batch_size=2).mean().item()  # noqa: E731
         recall = niah_recall(self.tok, self.val.tokens, c.scale_length, c.eval_samples * 2, seed=13, task=c.recall)
         t0 = time.perf_counter()
-        a, table = pick_query_scale(model, loss, c.a_grid, recall)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):  # as the report
+            a, table = pick_query_scale(model, loss, c.a_grid, recall)
         (self.dir / "scale.json").write_text(json.dumps(
             {"a": a, "table": [{"a": k, **v} for k, v in table.items()], "length": c.scale_length,
              "seconds": time.perf_counter() - t0, **self.peak_memory()}, indent=1))

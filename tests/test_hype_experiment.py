@@ -134,6 +134,17 @@ def test_deadline_stops_a_run_and_keeps_its_curve():
     assert list(hype.learning_curves(res)) == ["long"] and "\nlong " in hype.learning_table(res)
 
 
+def test_the_command_line_prints_runs_stopped_at_the_deadline(monkeypatch, capsys):
+    """A --seeds run whose every process stopped at the deadline prints their learning curves' last points."""
+    curve = [[90, {"niah_1x": 0.95, "answer_nll_v1": 0.1, "answer_nll_v2": 0.2, "copy_nll_16": 0.3,
+                   "copy_nll_64": 0.4, "attn_needle": [0.5, 0.9]}]]
+    stopped = {"runs": [], "failed": [], "stopped": [{"label": "transformer_rope_2", "curve": curve}]}
+    monkeypatch.setattr(hype, "run_parallel", lambda *a, **k: stopped)
+    hype.main(["--variants", "transformer_rope", "--seeds", "2"])
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[:4] == ["transformer_rope_2", "90", "95", "90"] and row[-2:] == ["50", "90"]
+
+
 def test_summary_over_seeds():
     runs = [{"models": {"hype": {"niah": {"1": 1.0, "64": a}}}} for a in (0.25, 1.0, 1.0)]
     s = hype.summary(runs)["hype"]

@@ -522,7 +522,8 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     if not args.quiet:
-        print(learning_table(res) if args.mechanism else table(res))
+        # runs stopped at the deadline have a learning curve but no evaluation at every length
+        print(learning_table(res) if args.mechanism or res.get("stopped") else table(res))
 
 
 if __name__ == "__main__":
