@@ -45,3 +45,19 @@ def test_halo_numbers_in_readme_match_the_report(path):
     assert ratio in README, f"README should quote {path.name}'s perplexity ratio {ratio}"
     layers = str(rep["select"]["layers"])
     assert layers in README, f"README should quote {path.name}'s attention layers {layers}"
+
+
+def test_smollm2_table_in_readme_matches_the_report():
+    """The README's SmolLM2 table: perplexity and pass-key NIAH of teacher and HypeNet at each length it shows, as
+    in notebooks/results/smollm2_h200.json; its perplexity ratio at 2K and the attention layers HALO chose."""
+    rep = json.loads((ROOT / "notebooks" / "results" / "smollm2_h200.json").read_text())
+    lengths = ["512", "2048", "8192", "16384", "32768", "65536"]
+    ppl = lambda x: f"{x:,.2f}" if x < 10 else f"{x:,.1f}" if x < 100 else f"{x:,.0f}"  # noqa: E731
+    for name, label in (("teacher", "teacher"), ("hypenet", "HypeNet")):
+        e = rep["eval"][name]
+        row = " | ".join(ppl(e["perplexity"][L]) for L in lengths)
+        assert f"| {label} perplexity | {row} |" in README
+        row = " | ".join(f"{100 * e['niah'][L]:.0f}" for L in lengths)
+        assert f"| {label} pass-key NIAH (%) | {row} |" in README
+    assert f"{rep['quality']['perplexity_ratio_at_train_length']:.2f} times the teacher's" in README
+    assert str(rep["select"]["layers"]) in README
