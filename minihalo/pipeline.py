@@ -37,7 +37,7 @@ import torch
 
 from minihalo import distributed
 from minihalo.convert import teacher_folder
-from minihalo.data import ByteTokenizer, HFTokenizer, PackedBatches, TokenFile, prepare
+from minihalo.data import ByteTokenizer, HFTokenizer, TokenFile, prepare
 from minihalo.evaluate import heldout_windows, token_nll
 from minihalo.halo import (STEPS, evenly_spaced_layers, lm_score, load_teacher, niah_recall, num_attention_layers,
                            pick_query_scale, recall_drop_layers, score_swapped_models, select_attention_layers,
@@ -261,13 +261,13 @@ class Run:
         self.record(step, done=True)
 
     def batches(self, seq_len, batch_size):
-        """Training batches by step: corpus windows, with needle-retrieval and copy rows mixed in
-        (minihalo.teacher.teacher_batches: built from bytes, so for the byte tokenizer only)."""
+        """Training batches by step: corpus windows, with needle-retrieval rows (written with the run's tokenizer) and,
+        for the byte tokenizer, copy rows mixed in (minihalo.teacher.teacher_batches)."""
         from minihalo.teacher import teacher_batches
         c = self.cfg
-        if not isinstance(self.tok, ByteTokenizer):
-            return PackedBatches(TokenFile(self.data_dir, "train"), seq_len, batch_size, c.seed)
-        return teacher_batches(self.data_dir, seq_len, batch_size, c.retrieval_share, c.copy_share, (4, 16), c.seed)
+        byte = isinstance(self.tok, ByteTokenizer)
+        share = c.retrieval_share if c.retrieval_share is not None else 0.5 if byte else 0.0
+        return teacher_batches(self.data_dir, seq_len, batch_size, share, c.copy_share, (4, 16), c.seed, self.tok)
 
     def train_cfg(self, step, steps, lr, **kw):
         c = self.cfg

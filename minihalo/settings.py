@@ -100,8 +100,10 @@ class HaloConfig:
                            "training length)", "align", "training", "TOKENS")
     chunk_rows: int = setting(1024, "rows (tokens) of logits per chunk of step 3's KL: bounds its memory, not its "
                               "value", group="distill", unit="ROWS")
-    retrieval_share: float = setting(0.5, "share of needle-retrieval documents among the training rows of steps 1, "
-                                     "3, 4 (byte tokenizer only)", "align", "training", "SHARE")
+    retrieval_share: float = setting(None, "share of needle-retrieval documents ('The magic number for <key> is ...', "
+                                     "haystack from the training text) among the training rows of steps 1, 3, 4 "
+                                     "(default: 0.5 with the byte tokenizer, 0 with a teacher's own: text alone, as "
+                                     "in the paper)", "align", "training", "SHARE")
     copy_share: float = setting(0.0, "share of copy documents (a random string, repeated) among the training rows "
                                 "(byte tokenizer only)", "align", "training", "SHARE")
     attn_rope: bool = setting(False, "use RoPE in the attention layers kept (HyPE keeps them NoPE; on: an ablation)",
@@ -228,8 +230,9 @@ def check_config(cfg: HaloConfig):
     for name in ("retrieval_share", "copy_share", "attn_ratio"):
         value = getattr(c, name)
         _expect(value is None or 0 <= value <= 1, name, "a share in [0, 1]", value)
-    _expect(c.retrieval_share + c.copy_share <= 1, "copy_share",
-            f"at most 1 - retrieval_share = {1 - c.retrieval_share:g} (the rest is text)", c.copy_share)
+    retrieval = c.retrieval_share or 0.0
+    _expect(retrieval + c.copy_share <= 1, "copy_share",
+            f"at most 1 - retrieval_share = {1 - retrieval:g} (the rest is text)", c.copy_share)
     for name in ("finetune_lengths", "eval_lengths", "a_grid"):
         _expect(len(getattr(c, name)) > 0, name, "at least one value", getattr(c, name))
     for name in ("finetune_lengths", "eval_lengths"):
@@ -266,6 +269,8 @@ def check_config(cfg: HaloConfig):
     _expect(tokenizer_name(c) != "byte" or teacher.vocab_size == 256, "tokenizer", f"the teacher's tokenizer (its "
             f"vocabulary has {teacher.vocab_size} tokens, not the 256 bytes; pass --tokenizer where the teacher's "
             "folder has no tokenizer files)", c.tokenizer)
+    _expect(c.copy_share == 0 or tokenizer_name(c) == "byte", "copy_share",
+            "0 with a teacher's own tokenizer (copy rows are strings of bytes)", c.copy_share)
     _expect(c.k is None or 0 <= c.k <= L, "k", f"0 to {L} (the teacher has {L} layers)", c.k)
     if c.attn_layers is not None:
         _expect(all(0 <= i < L for i in c.attn_layers), "attn_layers",

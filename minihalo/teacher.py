@@ -78,10 +78,14 @@ def retrieval_source(tokenizer, seq_len, filler):
 COPY_ALPHABET = np.arange(33, 127)  # printable ASCII without the space: the symbols of copy documents
 
 
-def teacher_batches(data_dir, seq_len, batch_size, retrieval_share, copy_share=0.0, copy_len=(8, 32), seed=0):
+def teacher_batches(data_dir, seq_len, batch_size, retrieval_share, copy_share=0.0, copy_len=(8, 32), seed=0,
+                    tokenizer=None):
     """Batches by step: corpus windows, a `retrieval_share` of rows that are NIAH documents and a
-    `copy_share` of copy documents (a random string of `copy_len` bytes, repeated: see tasks.copy_rows)."""
-    tok, train_split = ByteTokenizer(), TokenFile(data_dir, "train")
+    `copy_share` of copy documents (a random string of `copy_len` bytes, repeated: see tasks.copy_rows).
+    `tokenizer`: the corpus' own (default: bytes), which writes the NIAH documents; copy rows need bytes."""
+    tok, train_split = tokenizer or ByteTokenizer(), TokenFile(data_dir, "train")
+    if copy_share > 0 and not isinstance(tok, ByteTokenizer):
+        raise ValueError("copy rows are strings of bytes: copy_share needs the byte tokenizer")
     text = PackedBatches(train_split, seq_len, batch_size, seed)
     if retrieval_share <= 0 and copy_share <= 0:
         return text

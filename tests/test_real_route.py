@@ -105,6 +105,31 @@ def test_the_tokenizer_defaults_to_the_teachers_own(qwen3_world, tmp_path):
         settings.check_config(HaloConfig(out=str(tmp_path / "run"), teacher=str(big), data_dir=str(data)))
 
 
+def test_retrieval_rows_in_a_bpe_corpus_only_when_asked_for(smollm2_folder, tmp_path):
+    """With a teacher's own tokenizer, training rows are text alone unless --retrieval-share asks for needle documents,
+    which the run's tokenizer writes over training text; copy rows (bytes) are refused before anything runs."""
+    from minihalo.pipeline import Run
+    from minihalo.teacher import teacher_batches
+    tok = HFTokenizer(str(smollm2_folder))
+    docs = [" ".join(["The river runs past the old mill and the bridge."] * 40) for _ in range(30)]
+    data = prepare("river", tok, out_dir=tmp_path / "data", docs=docs)
+    text = teacher_batches(data, 256, 8, 0.0, seed=0, tokenizer=tok)(0)  # (8, 257)
+    mixed = teacher_batches(data, 256, 8, 0.5, seed=0, tokenizer=tok)(0)
+    assert not any("magic number" in tok.decode(r.tolist()) for r in text)
+    needles = ["The magic number for" in tok.decode(r.tolist()) for r in mixed]
+    assert 0 < sum(needles) < 8 and all("river" in tok.decode(r.tolist()) for r in mixed)
+    with pytest.raises(ValueError, match="copy rows are strings of bytes"):
+        teacher_batches(data, 256, 8, 0.25, 0.25, tokenizer=tok)
+    cfg = HaloConfig(out=str(tmp_path / "run"), teacher=str(smollm2_folder), data_dir=str(data), seq_len=256,
+                     eval_lengths=[256], scale_length=256, finetune_lengths=[256], finetune_tokens_per_batch=256)
+    with pytest.raises(ConfigError, match="^copy_share: expected 0 with a teacher's own tokenizer"):
+        settings.check_config(HaloConfig(**{**cfg.__dict__, "copy_share": 0.1}))
+    run = Run(cfg)  # the default: text alone with a teacher's own tokenizer
+    assert not any("magic number" in tok.decode(r.tolist()) for r in run.batches(256, 8)(0))
+    run.cfg.retrieval_share = 0.5
+    assert any("magic number" in tok.decode(r.tolist()) for r in run.batches(256, 8)(0))
+
+
 def test_a_missing_gguf_file_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="^teacher: no such GGUF file"):
         settings.check_config(HaloConfig(out=str(tmp_path / "run"), teacher=str(tmp_path / "model.gguf")))
