@@ -46,6 +46,8 @@ def _process(rank, world_size, port, timeout, job, args, kw):
         torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=timeout))
     try:
         job(*args, **kw)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # neither process leaves the group while the other still uses it
     finally:
         distributed.teardown()
 
