@@ -1,6 +1,7 @@
 """The route for real pretrained teachers: a teacher by name (smollm2, a GGUF file, a transformers folder) converted
 once and loaded with its own tokenizer; a tiny random Qwen3 (q/k norms, GQA) through the whole command line."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -123,7 +124,7 @@ def test_retrieval_rows_in_a_bpe_corpus_only_when_asked_for(smollm2_folder, tmp_
     cfg = HaloConfig(out=str(tmp_path / "run"), teacher=str(smollm2_folder), data_dir=str(data), seq_len=256,
                      eval_lengths=[256], scale_length=256, finetune_lengths=[256], finetune_tokens_per_batch=256)
     with pytest.raises(ConfigError, match="^copy_share: expected 0 with a teacher's own tokenizer"):
-        settings.check_config(HaloConfig(**{**cfg.__dict__, "copy_share": 0.1}))
+        settings.check_config(replace(cfg, copy_share=0.1))
     run = Run(cfg)  # the default: text alone with a teacher's own tokenizer
     assert not any("magic number" in tok.decode(r.tolist()) for r in run.batches(256, 8)(0))
     run.cfg.retrieval_share = 0.5
