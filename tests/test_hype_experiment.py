@@ -30,7 +30,7 @@ def test_layouts():
 def test_training_batch_follows_the_recipe():
     task = TokenNIAH(seed=0)
     for alphabet in ("all", "haystack"):
-        p = {**hype.PRESETS["cpu"], "copy_alphabet": alphabet, "copy_len": [5, 9], "batch_size": 40}
+        p = {**hype.PRESETS["cpu"], "copy_alphabet": alphabet, "copy_len": [5, 9], "batch_size": 40, "copy_share": 0.25}
         x = hype.training_batch(task, p, 0, 3)
         copies = x[:10].numpy()  # copy_share 0.25 of 40 rows
         assert np.isin(copies, hype.COPY_ALPHABETS[alphabet]).all()
@@ -106,6 +106,13 @@ def test_row_losses_pick_each_value_token():
     needle_nll = [sum(nll[i, n - 1 + k].item() for n in range(65) if rows[i, n] == TokenNIAH.NEEDLE
                       for k in range(4) if n - 1 + k >= 0) for i in range(3)]  # token n + k is scored at n - 1 + k
     assert got["sum_needles"] == pytest.approx(np.mean(needle_nll), rel=1e-5)
+    for T, n_spans in ((64, 1), (16, 3), (24, 3)):  # spans [0, T), [T, 2T), [2T, 4T) ...: 4T >= 64 > 2T
+        spans = hype.row_losses(model, rows, T)["haystack_by_span"]
+        assert len(spans) == n_spans and sum(spans) == pytest.approx(got["sum_haystack"], rel=1e-5)
+    hay = hype.row_losses(model, rows[2:])  # the hand-made row: haystack tokens at 4..60, predicted at 3..59
+    late = hype.row_losses(model, rows[2:], 16)["haystack_by_span"]  # [0, 16), [16, 32), [32, 64)
+    assert late[0] == pytest.approx(nll[2, 3:16].sum().item(), rel=1e-5)
+    assert late[2] == pytest.approx(nll[2, 32:60].sum().item(), rel=1e-5) and sum(late) == pytest.approx(hay["sum_haystack"])
 
 
 def test_run_gives_every_length_and_the_scaled_variant():

@@ -9,11 +9,13 @@
 Every hybrid has the paper's layer pattern, (attention, Lightning, Lightning, Lightning) x 2; the
 baseline is a Transformer of the same size (8 attention layers with RoPE). All train on the same tokens:
 the token-level needle-in-a-haystack language `minihalo.tasks.TokenNIAH` at the training length T, with a
-`copy_share` of rows replaced by copy rows (`minihalo.tasks.copy_rows`: a random string repeated), whose
-tokens are drawn from every token a needle and its question hold (keys, values, haystack). Copy rows train
-the copying circuit (an induction head) that retrieval uses; drawn from haystack tokens only (the earlier
-recipe, EARLIER), they trained it for tokens that no needle holds, and no layout with RoPE in its attention
-layers learned retrieval within 3500 steps (notes/retrieval.md). Only the CPU preset is short enough to run
+`copy_share` of rows (half) replaced by copy rows (`minihalo.tasks.copy_rows`: a random string repeated),
+whose tokens are drawn from every token a needle and its question hold (keys, values, haystack) and whose
+periods span 8 to T/2 tokens, the distances between a needle and its question. Copy rows train the copying
+circuit (an induction head) that retrieval uses; drawn from haystack tokens only (the earlier recipe,
+EARLIER), they trained it for tokens that no needle holds, and no layout with RoPE in its attention layers
+learned retrieval within 3500 steps; with periods of 8-32 only, a RoPE Transformer learned in some seeds, or
+HyPE lost its extrapolation (notes/retrieval.md). Only the CPU preset is short enough to run
 in a notebook on CPU, and it stops before any model learns retrieval. Position-encoding variants
 (docs/method.md §3.3):
 
@@ -67,9 +69,10 @@ WITH_SCALE = ("hype", "all_nope")  # NoPE attention: also evaluated with s_t
 
 # The training data and schedule; every entry can be --set. copy_alphabet: the tokens copy rows are drawn
 # from, "all" (keys, values and haystack: every token a needle or its question holds) or "haystack".
-RECIPE = dict(copy_share=0.25, copy_len=[8, 32], copy_alphabet="all", haystack="markov", max_needles=8,
+RECIPE = dict(copy_share=0.5, copy_len=[8, 64], copy_alphabet="all", haystack="markov", max_needles=8,
               warmup_steps=30, schedule="cosine", qk_gain=1.0)
-EARLIER = dict(copy_alphabet="haystack")  # the earlier recipe (3500 steps), under which RoPE attention never learned
+# the earlier recipe (3500 steps), under which RoPE attention never learned
+EARLIER = dict(copy_alphabet="haystack", copy_share=0.25, copy_len=[8, 32])
 PRESETS = {
     "cpu": dict(model=dict(hidden_size=64, intermediate_size=192, num_heads=4, num_kv_heads=2, head_dim=16),
                 seq_len=128, batch_size=32, steps=120, lr=3e-3, rope_theta=10000.0, **RECIPE,
@@ -115,11 +118,13 @@ def make_task(p, seed):
     return TokenNIAH(seed=seed, max_needles=p["max_needles"], haystack=p["haystack"])
 
 
-def row_losses(model, rows):
+def row_losses(model, rows, T=None):
     """Mean NLLs of (N, L+1) rows: {"answer": the value tokens after each QUERY key, "v1", "v2": the
     first and the second value token alone, "all": every token}, and the summed NLL per row of each part
     of a row, "sum_haystack", "sum_needles" (each needle's 4 tokens), "sum_questions" (from the first
-    QUERY on): "all" is their total over the row length."""
+    QUERY on): "all" is their total over the row length. With the training length `T`, also
+    "haystack_by_span": the haystack's summed NLL per row by the position t that predicts the token, in
+    the spans [0, T), [T, 2T), [2T, 4T), ... that hold the row: where in the row the haystack loss sits."""
     nll = token_nll(model, rows)  # (N, L)
     query = rows[:, :-1] == TokenNIAH.QUERY  # QUERY at t: key at t+1, values at t+2, t+3
     v1, v2 = torch.zeros_like(query), torch.zeros_like(query)  # predicted at t+1 and t+2
@@ -131,9 +136,14 @@ def row_losses(model, rows):
     marker = (rows == TokenNIAH.NEEDLE).int()  # (N, L+1); a needle is the marker and the 3 tokens after it
     needles = (torch.stack([marker.roll(i, 1) for i in range(4)]).sum(0)[:, 1:] > 0) & ~questions
     per_row = lambda mask: (nll * mask).sum(1).mean().item()  # noqa: E731
-    return {"answer": nll[v1 | v2].mean().item(), "v1": nll[v1].mean().item(), "v2": nll[v2].mean().item(),
-            "all": nll.mean().item(), "sum_haystack": per_row(~needles & ~questions),
-            "sum_needles": per_row(needles), "sum_questions": per_row(questions)}
+    hay = ~needles & ~questions
+    out = {"answer": nll[v1 | v2].mean().item(), "v1": nll[v1].mean().item(), "v2": nll[v2].mean().item(),
+           "all": nll.mean().item(), "sum_haystack": per_row(hay),
+           "sum_needles": per_row(needles), "sum_questions": per_row(questions)}
+    if T is not None:
+        ends = [T * 2 ** i for i in range(max(1, math.ceil(math.log2(len(pos) / T)) + 1))]
+        out["haystack_by_span"] = [per_row(hay & (pos >= lo) & (pos < hi)) for lo, hi in zip([0] + ends, ends)]
+    return out
 
 
 def haystack_entropy(task):
@@ -271,9 +281,10 @@ def evaluate_model(model, task, p, batch_size=8):
         ok = score_answers(model, [s.input_ids for s in samples], [s.answer_ids for s in samples], bs)
         out["niah"][m] = ok.float().mean().item()
         out["niah_by_depth"][m] = ok.view(len(DEPTHS), n).float().mean(1).tolist()
-        losses = [row_losses(model, eval_rows(task, L, 1, 2 + i)) for i in range(p["loss_rows"])]
+        losses = [row_losses(model, eval_rows(task, L, 1, 2 + i), T) for i in range(p["loss_rows"])]
         out["loss"][m] = float(np.mean([r["all"] for r in losses]))
         out["loss_parts"][m] = {k: float(np.mean([r[k] for r in losses])) for k in losses[0] if k.startswith("sum_")}
+        out["loss_parts"][m]["haystack_by_span"] = np.mean([r["haystack_by_span"] for r in losses], 0).tolist()
     return out
 
 
