@@ -118,31 +118,42 @@ def make_task(p, seed):
     return TokenNIAH(seed=seed, max_needles=p["max_needles"], haystack=p["haystack"])
 
 
-def row_losses(model, rows, T=None):
-    """Mean NLLs of (N, L+1) rows: {"answer": the value tokens after each QUERY key, "v1", "v2": the
-    first and the second value token alone, "all": every token}, and the summed NLL per row of each part
-    of a row, "sum_haystack", "sum_needles" (each needle's 4 tokens), "sum_questions" (from the first
-    QUERY on): "all" is their total over the row length. With the training length `T`, also
-    "haystack_by_span": the haystack's summed NLL per row by the position t that predicts the token, in
-    the spans [0, T), [T, 2T), [2T, 4T), ... that hold the row: where in the row the haystack loss sits."""
-    nll = token_nll(model, rows)  # (N, L)
+def row_parts(rows, T=None):
+    """The parts of (N, L+1) rows, as (N, L) masks over the predicted tokens (mask[:, t] marks token t+1,
+    predicted at position t): "v1", "v2" (the first and the second value token after each QUERY key),
+    "needles" (each needle's 4 tokens), "questions" (from the first QUERY on) and "haystack" (the rest);
+    with the training length `T`, also "haystack_by_span": the haystack split by the predicting position t
+    into the spans [0, T), [T, 2T), [2T, 4T), ... that hold the row."""
     query = rows[:, :-1] == TokenNIAH.QUERY  # QUERY at t: key at t+1, values at t+2, t+3
     v1, v2 = torch.zeros_like(query), torch.zeros_like(query)  # predicted at t+1 and t+2
     v1[:, 1:] = query[:, :-1]
     v2[:, 2:] = query[:, :-2]
-    target = rows[:, 1:]  # nll[:, t] scores target[:, t]
+    target = rows[:, 1:]
     pos = torch.arange(target.shape[1])
     questions = pos >= (target == TokenNIAH.QUERY).int().argmax(1, keepdim=True)  # every row holds a question
     marker = (rows == TokenNIAH.NEEDLE).int()  # (N, L+1); a needle is the marker and the 3 tokens after it
     needles = (torch.stack([marker.roll(i, 1) for i in range(4)]).sum(0)[:, 1:] > 0) & ~questions
-    per_row = lambda mask: (nll * mask).sum(1).mean().item()  # noqa: E731
-    hay = ~needles & ~questions
-    out = {"answer": nll[v1 | v2].mean().item(), "v1": nll[v1].mean().item(), "v2": nll[v2].mean().item(),
-           "all": nll.mean().item(), "sum_haystack": per_row(hay),
-           "sum_needles": per_row(needles), "sum_questions": per_row(questions)}
+    out = {"v1": v1, "v2": v2, "needles": needles, "questions": questions, "haystack": ~needles & ~questions}
     if T is not None:
         ends = [T * 2 ** i for i in range(max(1, math.ceil(math.log2(len(pos) / T)) + 1))]
-        out["haystack_by_span"] = [per_row(hay & (pos >= lo) & (pos < hi)) for lo, hi in zip([0] + ends, ends)]
+        out["haystack_by_span"] = [out["haystack"] & (pos >= lo) & (pos < hi) for lo, hi in zip([0] + ends, ends)]
+    return out
+
+
+def row_losses(model, rows, T=None):
+    """Mean NLLs of (N, L+1) rows: {"answer": the value tokens after each QUERY key, "v1", "v2": the
+    first and the second value token alone, "all": every token}, and the summed NLL per row of each part
+    of a row (`row_parts`), "sum_haystack", "sum_needles", "sum_questions": "all" is their total over the
+    row length. With the training length `T`, also "haystack_by_span": the haystack's summed NLL per row in
+    each span of predicting positions: where in the row the haystack loss sits."""
+    nll = token_nll(model, rows)  # (N, L): nll[:, t] scores token t+1
+    parts = row_parts(rows, T)
+    per_row = lambda mask: (nll * mask).sum(1).mean().item()  # noqa: E731
+    out = {"answer": nll[parts["v1"] | parts["v2"]].mean().item(), "v1": nll[parts["v1"]].mean().item(),
+           "v2": nll[parts["v2"]].mean().item(), "all": nll.mean().item(),
+           **{f"sum_{k}": per_row(parts[k]) for k in ("haystack", "needles", "questions")}}
+    if T is not None:
+        out["haystack_by_span"] = [per_row(m) for m in parts["haystack_by_span"]]
     return out
 
 
