@@ -33,9 +33,9 @@ long row's loss comes from haystack tokens that need no attention).
 
 Measured at each multiple of T: NIAH accuracy (one needle at depths 10..90%, exact match of both value
 tokens), overall and per depth, and the next-token loss of held-out training-style rows, as a mean and
-split into haystack, needles and questions. During training (the learning curve, `training_probe`): NIAH
-at 1x T, the loss of each answer token, the loss of copies, and where the answering position's attention
-goes (`needle_attention`).
+split into haystack (also by span of positions), needles and questions. During training (the learning
+curve, `training_probe`): NIAH at 1x T, the loss of each answer token, the loss of copies, and where the
+answering position's attention goes (`needle_attention`).
 
 Shapes: B batch, T training length, L evaluation length.
 """
