@@ -45,9 +45,10 @@ def test_perplexity_of_a_known_model():
             return nn.functional.one_hot((x + 1) % 10, 10).float() * c + self.w
 
     tokens = np.arange(1000) % 10
-    nll = token_nll(Oracle(), np.stack([tokens[:21], tokens[5:26]]))
-    assert nll.shape == (2, 20)
-    assert torch.allclose(nll, torch.full((2, 20), -math.log(0.9)), atol=1e-6)
+    for chunk in (4096, 7, 1):  # the cross-entropy over positions in chunks: each chunk's own targets
+        nll = token_nll(Oracle(), np.stack([tokens[:21], tokens[5:26]]), chunk=chunk)
+        assert nll.shape == (2, 20)
+        assert torch.allclose(nll, torch.full((2, 20), -math.log(0.9)), atol=1e-6), chunk
 
 
 def test_unigram_loss():
