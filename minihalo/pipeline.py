@@ -22,7 +22,8 @@ the presets, `check_config`, `check_data`; a ConfigError names the setting). A f
 the settings of HaloConfig its results depend on (those of the steps before it included; `setting(step=...)`
 says which step first uses each); a rerun whose settings would change a step's results refuses
 (`StaleResults`) until told to redo that step and the ones after it (`redo`), so that config.json always
-describes the results beside it. The report is recomputed on every run that asks for it. Ctrl-C stops
+describes the results beside it. The report is recomputed on every run that asks for it; under a time budget it
+stops between evaluations (one model at one length each) and the same command continues it. Ctrl-C stops
 with `Interrupted`, which says where the same command resumes (training steps resume from their checkpoint).
 """
 import argparse
@@ -43,7 +44,7 @@ from minihalo.halo import (STEPS, evenly_spaced_layers, lm_score, load_teacher, 
                            pick_query_scale, recall_drop_layers, score_swapped_models, select_attention_layers,
                            selection_scores, stage1_align, stage2_distill, stage3_finetune)
 from minihalo.model import HybridLM
-from minihalo.report import write_report
+from minihalo.report import PARTS, write_report
 from minihalo.settings import (PRESETS, ConfigError, HaloConfig, check_config, check_data, preset_config,
                                tokenizer_name)
 from minihalo.tasks import niah_training_rows
@@ -57,7 +58,7 @@ __all__ = ["STEPS", "HaloConfig", "PRESETS", "preset_config", "ConfigError", "St
 RESULTS = {  # what each step writes into the run folder (the first: its mark in a folder without records)
     "align": ("align",), "select": ("select.json",), "distill": ("distill",), "finetune": ("finetune",),
     "scale": ("scale.json", "hybrid"),
-    "report": ("report.json", "report.md", "perplexity.png", "niah.png", "layer_scores.png"),
+    "report": ("report.json", "report.md", "perplexity.png", "niah.png", "layer_scores.png", PARTS),
 }
 NEEDS = {"select": "align", "distill": "select", "finetune": "distill", "scale": "distill", "report": "distill"}
 
@@ -162,6 +163,8 @@ def resume_hint(cfg, step, why="interrupted"):
         if n is None or n < steps:
             where = f"step {n} of {part_label(part)}" if n else f"the start of {part_label(part)}"
             return f"{why}; {again} to resume from {where}"
+    if step == "report" and (Path(cfg.out) / PARTS).is_file():
+        return f"{why}; {again} to continue the report where it stopped"
     where = "the end" if training_parts(cfg, step) else "the start"  # the end: saving the trained model
     return f"{why}; {again} to resume from {where} of {step}"
 
@@ -228,10 +231,11 @@ class Run:
         tmp.write_text(json.dumps(self.records, indent=1))
         tmp.replace(self.dir / "steps.json")
 
-    def remove(self, steps):
-        """Delete the results and records of `steps` (rank 0 deletes; the other processes forget the records)."""
+    def remove(self, steps, keep=()):
+        """Delete the results and records of `steps`, but the files named in `keep` (rank 0 deletes; the other
+        processes forget the records)."""
         for step in steps:
-            for name in RESULTS[step] if distributed.is_main() else ():
+            for name in [n for n in RESULTS[step] if n not in keep] if distributed.is_main() else ():
                 path = self.dir / name
                 if path.is_dir():
                     shutil.rmtree(path)
@@ -243,11 +247,14 @@ class Run:
 
     def compute(self, step):
         """Run `step`, after removing the results of the steps after it (they were built on its earlier results)
-        and, for the report, its own; its record says "started" until it is done."""
+        and, for the report, its own but the evaluations it continues from; its record says "started" until it is
+        done. A step that only rank 0 runs and that stops for the time budget stops every process."""
         later = [s for s in STEPS[STEPS.index(step) + 1:] if s in self.records or (self.dir / RESULTS[s][0]).exists()]
         if later:
             print(f"removing the results of {', '.join(later)}: they were built on an earlier {step}")
-        self.remove(later + (["report"] if step == "report" else []))
+        self.remove(later)
+        if step == "report":
+            self.remove(["report"], keep=(PARTS,))
         training = step in ("align", "distill", "finetune")
         if training and not has_checkpoint(self.dir, step) and distributed.is_main():
             shutil.rmtree(self.dir / step, ignore_errors=True)  # what a start that saved no checkpoint left
@@ -255,9 +262,16 @@ class Run:
         distributed.barrier()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        out_of_time = False
         if training or distributed.is_main():  # under torchrun: training on every process, the rest on rank 0
-            getattr(self, step)()
-        distributed.barrier()
+            try:
+                getattr(self, step)()
+            except OutOfTime:
+                if training:  # every process raised it
+                    raise
+                out_of_time = True
+        if distributed.broadcast_object(out_of_time):
+            raise OutOfTime(0, None)
         self.record(step, done=True)
 
     def batches(self, seq_len, batch_size):

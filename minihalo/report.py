@@ -13,20 +13,49 @@ import torch
 from minihalo.evaluate import niah_grid, perplexity_by_length, plot_niah_heatmap
 from minihalo.halo import RECALL_TASKS, STEPS
 from minihalo.model import HybridLM
+from minihalo.train import OutOfTime
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def evaluate_lengths(model, run):
-    """Held-out perplexity and a NIAH grid (lengths x DEPTHS) at cfg.eval_lengths; on a GPU under bf16 autocast
-    (as the model trained), so that a Transformer's attention at 64K tokens takes seconds, not minutes."""
-    c = run.cfg
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
-        ppl = perplexity_by_length(model, run.val, c.eval_lengths, num_windows=c.eval_windows, batch_size=2)
-        grid = niah_grid(model, run.tok, c.eval_lengths, list(DEPTHS), c.eval_samples, seed=3, batch_size=4,
-                         progress=c.progress, filler=run.val.tokens, **RECALL_TASKS[c.recall])
-    return {"perplexity": {str(k): v for k, v in ppl.items()}, "niah_grid": grid.tolist(),
-            "niah": {str(L): float(np.mean(row)) for L, row in zip(c.eval_lengths, grid)}}
+PARTS = "report_parts.json"  # an unfinished report's evaluations, for the command that continues it
+
+
+class Evaluations:
+    """A report's evaluations, one (model, length) at a time, each saved in the run folder (PARTS) as it finishes:
+    a report stopped by the time budget continues where it stopped. The saved ones count only for the settings
+    they were made with (the report's record in steps.json); a step redone before the report deletes them."""
+
+    def __init__(self, run):
+        self.run, self.path, self.fresh = run, run.dir / PARTS, 0
+        settings = run.records["report"]["settings"]
+        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.saved = saved if saved.get("settings") == settings else {"settings": settings, "done": {}}
+
+    def at(self, name, model, length):
+        """{"perplexity": .., "niah": [accuracy at each of DEPTHS]} of `model` at `length` tokens, saved or computed
+        (on a GPU under bf16 autocast, as the model trained: a Transformer's attention at 64K tokens takes seconds).
+        Raises OutOfTime before computing one when the budget is spent, unless it is this command's first."""
+        done = self.saved["done"].setdefault(name, {})
+        if str(length) not in done:
+            run, c = self.run, self.run.cfg
+            if self.fresh and run.deadline is not None and time.time() > run.deadline:
+                raise OutOfTime(0, None)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+                ppl = perplexity_by_length(model, run.val, [length], num_windows=c.eval_windows, batch_size=2)
+                grid = niah_grid(model, run.tok, [length], list(DEPTHS), c.eval_samples, seed=3, batch_size=4,
+                                 progress=c.progress, filler=run.val.tokens, **RECALL_TASKS[c.recall])
+            done[str(length)] = {"perplexity": ppl[length], "niah": grid[0].tolist()}
+            self.fresh += 1
+            self.path.write_text(json.dumps(self.saved))
+        return done[str(length)]
+
+    def lengths(self, name, model):
+        """Held-out perplexity and a NIAH grid (lengths x DEPTHS) of `model` at every cfg.eval_lengths."""
+        L = self.run.cfg.eval_lengths
+        e = {n: self.at(name, model, n) for n in L}
+        return {"perplexity": {str(n): e[n]["perplexity"] for n in L}, "niah_grid": [e[n]["niah"] for n in L],
+                "niah": {str(n): float(np.mean(e[n]["niah"])) for n in L}}
 
 
 def generations(models, run, num_prompts=3, prompt_tokens=24, new_tokens=40):
@@ -57,7 +86,8 @@ def write_report(run):
         else (run.saved("finetune") or run.need("distill"))
     models = {"teacher": run.teacher.eval(), "hypenet": hybrid.eval()}
     t0 = time.perf_counter()
-    evals = {name: evaluate_lengths(m, run) for name, m in models.items()}
+    evaluations = Evaluations(run)
+    evals = {name: evaluations.lengths(name, m) for name, m in models.items()}
     samples = generations(models, run)
     long = 4 * run.T
     rep = {"device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else
@@ -85,6 +115,7 @@ def write_report(run):
     (d / "report.json").write_text(json.dumps(rep, indent=1, default=str))
     _figures(rep, c, run.T, d, plt)
     (d / "report.md").write_text(_markdown(rep, c, run.T))
+    evaluations.path.unlink(missing_ok=True)
     return rep
 
 

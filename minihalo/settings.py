@@ -65,8 +65,9 @@ class HaloConfig:
                             "student's training state would fill more than half a GPU); see minihalo.distributed",
                             group="run", unit="MODE")
     max_minutes: float = setting(None, "a time budget: the command stops once this many minutes have passed, at the "
-                                 "first optimizer step that ends past it (with a checkpoint) or before the next step, "
-                                 "and exits with status 75; the same command continues", group="run", unit="MINUTES")
+                                 "first optimizer step that ends past it (with a checkpoint), before the next step or "
+                                 "between the report's evaluations, and exits with status 75; the same command "
+                                 "continues", group="run", unit="MINUTES")
     teacher_parallel: str = setting("replicate", "under torchrun: the frozen teacher whole on every GPU ('replicate') "
                                     "or sharded with FSDP2 ('shard')", group="run", unit="MODE")
     # step 1

@@ -301,6 +301,33 @@ def test_a_toy_teacher_pretrained_for_other_steps_is_not_reused(tmp_path):
     assert not (tmp_path / "teacher").exists()
 
 
+def test_a_report_stopped_by_the_time_budget_continues_where_it_stopped(world, done, capsys, monkeypatch):
+    """The report evaluates one model at one length at a time and keeps each in the run folder until it is whole: a
+    command whose budget is spent stops after its first evaluation (exit 75), the same command computes only the
+    rest, and the report equals an uninterrupted one's. Evaluations made with other settings are not reused."""
+    from minihalo import report
+    whole = json.loads((done / "report.json").read_text())
+    calls, ppl = [], report.perplexity_by_length
+    monkeypatch.setattr(report, "perplexity_by_length", lambda *a, **k: calls.append(a[2]) or ppl(*a, **k))
+    with pytest.raises(SystemExit) as stop:
+        main(tiny_args(world, done, "--stages", "report", "--max-minutes", "1e-6"))  # spent before the report starts
+    assert stop.value.code == 75 and calls == [[96]]  # each command evaluates once at least
+    assert capsys.readouterr().err.endswith("run the same command to continue the report where it stopped\n")
+    assert not (done / "report.json").exists()
+    assert set(json.loads((done / report.PARTS).read_text())["done"]) == {"teacher"}
+
+    main(tiny_args(world, done, "--stages", "report"))
+    assert calls == [[96], [192], [96], [192]]  # the teacher at 192, the HypeNet at both: nothing twice
+    rep = json.loads((done / "report.json").read_text())
+    assert rep["eval"] == whole["eval"] and not (done / report.PARTS).exists()
+
+    calls.clear()
+    with pytest.raises(SystemExit):
+        main(tiny_args(world, done, "--stages", "report", "--max-minutes", "1e-6"))
+    main(tiny_args(world, done, "--stages", "report", "--eval-lengths", "96"))  # other settings: evaluated again
+    assert calls == [[96], [96], [96]]
+
+
 # ------------------------------------------------------------------------------------------------
 # Ctrl-C: one line that says where the same command resumes; the rerun resumes there
 # ------------------------------------------------------------------------------------------------

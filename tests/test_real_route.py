@@ -174,11 +174,12 @@ def test_a_time_budget_stops_at_a_checkpoint_and_the_same_command_continues(qwen
             messages.append(capsys.readouterr().err.strip())
     assert messages[0] == "the time budget of 1e-06 minutes is spent; run the same command to resume from step 1 " \
                           "of align"
-    wheres = [m.split(" to resume from ")[1] for m in messages]  # one optimizer step or one other step per command
+    # one optimizer step, one other step or one of the report's evaluations (a model at a length) per command
+    wheres = [m.split("; run the same command to ")[1].removeprefix("resume from ") for m in messages]
     assert wheres == ["step 1 of align", "step 2 of align", "the start of select", "the start of distill",
                       "step 1 of distill", "step 2 of distill", "the start of finetune (length 192)", "step 1 of "
                       "finetune (length 192)", "step 2 of finetune (length 192)", "step 3 of finetune (length 192)",
-                      "the start of scale", "the start of report"]
+                      "the start of scale", "the start of report"] + ["continue the report where it stopped"] * 3
     for name in ("distill/model/model.safetensors", "hybrid/model.safetensors"):  # as if never stopped
         assert (out / name).read_bytes() == (qwen3_finished / name).read_bytes(), name
     stats = json.loads((out / "distill" / "stats.json").read_text())
