@@ -16,6 +16,7 @@ From Python: `run(HaloConfig(...))` or `run(preset_config("tiny", out="runs/mine
     select.json, scale.json         the layer scores and choice; the query-scale grid
     hybrid/                         the final HypeNet (HybridLM.from_pretrained), query scale in its config
     report.md, report.json, *.png   teacher vs HypeNet by context length, layer scores, cost (minihalo.report)
+    report_parts.json               while a report is unfinished: the evaluations it continues from
 
 Every setting is checked before anything is computed or any folder is made (minihalo.settings: `HaloConfig`,
 the presets, `check_config`, `check_data`; a ConfigError names the setting). A finished step is not redone: a rerun loads it. Its record in steps.json holds

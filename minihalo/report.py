@@ -39,7 +39,7 @@ class Evaluations:
         done = self.saved["done"].setdefault(name, {})
         if str(length) not in done:
             run, c = self.run, self.run.cfg
-            if self.fresh and run.deadline is not None and time.time() > run.deadline:
+            if self.fresh and run.deadline is not None and time.time() > run.deadline:  # rank 0's clock alone
                 raise OutOfTime(0, None)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
                 ppl = perplexity_by_length(model, run.val, [length], num_windows=c.eval_windows, batch_size=2)
