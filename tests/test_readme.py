@@ -61,3 +61,20 @@ def test_smollm2_table_in_readme_matches_the_report():
         assert f"| {label} pass-key NIAH (%) | {row} |" in README
     assert f"{rep['quality']['perplexity_ratio_at_train_length']:.2f} times the teacher's" in README
     assert str(rep["select"]["layers"]) in README
+
+
+def test_longest_smollm2_table_in_readme_matches_the_results():
+    """The README's table of the longest SmolLM2 run: each arm's HypeNet perplexity and pass-key NIAH at each length
+    it shows, and its perplexity ratio at 2K and attention layers, as in notebooks/results/smollm2_long_h200.json."""
+    res = json.loads((ROOT / "notebooks" / "results" / "smollm2_long_h200.json").read_text())
+    lengths = ["512", "2048", "8192", "16384", "32768", "65536"]
+    ppl = lambda x: f"{x:,.2f}" if x < 10 else f"{x:,.1f}" if x < 100 else f"{x:,.0f}"  # noqa: E731
+    for arm, label in (("halo", "HALO's layers"), ("even", "evenly spaced layers")):
+        rep = res[arm]["report"]
+        e = rep["eval"]["hypenet"]
+        row = " | ".join(ppl(e["perplexity"][L]) for L in lengths)
+        assert f"| HypeNet perplexity, {label} | {row} |" in README
+        row = " | ".join(f"{100 * e['niah'][L]:.0f}" for L in lengths)
+        assert f"| HypeNet pass-key NIAH (%), {label} | {row} |" in README
+        assert f"{rep['quality']['perplexity_ratio_at_train_length']:.3f}" in README
+        assert str(rep["select"]["layers"]) in README
