@@ -47,34 +47,38 @@ def test_halo_numbers_in_readme_match_the_report(path):
     assert layers in README, f"README should quote {path.name}'s attention layers {layers}"
 
 
+SMOLLM2_LENGTHS = ["512", "2048", "8192", "16384", "32768", "65536"]  # the columns of the README's SmolLM2 tables
+
+
+def assert_readme_rows(e, ppl_label, niah_label):
+    """The README has a table row `| ppl_label | ... |` of the evaluation `e`'s perplexity and one `| niah_label |
+    ... |` of its pass-key NIAH (%) at SMOLLM2_LENGTHS, each rounded as the README writes it."""
+    ppl = lambda x: f"{x:,.2f}" if x < 10 else f"{x:,.1f}" if x < 100 else f"{x:,.0f}"  # noqa: E731
+    row = " | ".join(ppl(e["perplexity"][L]) for L in SMOLLM2_LENGTHS)
+    assert f"| {ppl_label} | {row} |" in README
+    row = " | ".join(f"{100 * e['niah'][L]:.0f}" for L in SMOLLM2_LENGTHS)
+    assert f"| {niah_label} | {row} |" in README
+
+
 def test_smollm2_table_in_readme_matches_the_report():
     """The README's SmolLM2 table: perplexity and pass-key NIAH of teacher and HypeNet at each length it shows, as
     in notebooks/results/smollm2_h200.json; its perplexity ratio at 2K and the attention layers HALO chose."""
     rep = json.loads((ROOT / "notebooks" / "results" / "smollm2_h200.json").read_text())
-    lengths = ["512", "2048", "8192", "16384", "32768", "65536"]
-    ppl = lambda x: f"{x:,.2f}" if x < 10 else f"{x:,.1f}" if x < 100 else f"{x:,.0f}"  # noqa: E731
     for name, label in (("teacher", "teacher"), ("hypenet", "HypeNet")):
-        e = rep["eval"][name]
-        row = " | ".join(ppl(e["perplexity"][L]) for L in lengths)
-        assert f"| {label} perplexity | {row} |" in README
-        row = " | ".join(f"{100 * e['niah'][L]:.0f}" for L in lengths)
-        assert f"| {label} pass-key NIAH (%) | {row} |" in README
+        assert_readme_rows(rep["eval"][name], f"{label} perplexity", f"{label} pass-key NIAH (%)")
     assert f"{rep['quality']['perplexity_ratio_at_train_length']:.2f} times the teacher's" in README
     assert str(rep["select"]["layers"]) in README
 
 
 def test_longest_smollm2_table_in_readme_matches_the_results():
-    """The README's table of the longest SmolLM2 run: each arm's HypeNet perplexity and pass-key NIAH at each length
-    it shows, and its perplexity ratio at 2K and attention layers, as in notebooks/results/smollm2_long_h200.json."""
+    """The README's table of the longest SmolLM2 run: the teacher's and each arm's HypeNet perplexity and pass-key
+    NIAH at each length it shows, and each arm's perplexity ratio at 2K and attention layers, as in
+    notebooks/results/smollm2_long_h200.json."""
     res = json.loads((ROOT / "notebooks" / "results" / "smollm2_long_h200.json").read_text())
-    lengths = ["512", "2048", "8192", "16384", "32768", "65536"]
-    ppl = lambda x: f"{x:,.2f}" if x < 10 else f"{x:,.1f}" if x < 100 else f"{x:,.0f}"  # noqa: E731
+    assert_readme_rows(res["halo"]["report"]["eval"]["teacher"], "teacher perplexity", "teacher pass-key NIAH (%)")
     for arm, label in (("halo", "HALO's layers"), ("even", "evenly spaced layers")):
         rep = res[arm]["report"]
-        e = rep["eval"]["hypenet"]
-        row = " | ".join(ppl(e["perplexity"][L]) for L in lengths)
-        assert f"| HypeNet perplexity, {label} | {row} |" in README
-        row = " | ".join(f"{100 * e['niah'][L]:.0f}" for L in lengths)
-        assert f"| HypeNet pass-key NIAH (%), {label} | {row} |" in README
+        assert_readme_rows(rep["eval"]["hypenet"], f"HypeNet perplexity, {label}",
+                           f"HypeNet pass-key NIAH (%), {label}")
         assert f"{rep['quality']['perplexity_ratio_at_train_length']:.3f}" in README
         assert str(rep["select"]["layers"]) in README
